@@ -1,0 +1,74 @@
+"""Methods register by name; adding one is one file.
+
+A method chooses codes for one layer: ``quantize_weight(W, scheme, stats, config)`` returns a
+``QuantizedTensor``. ``needs`` names the calibration statistics it asks the pipeline for
+(e.g. ``"hessian"``); an empty set means no calibration data at all. Model-level transforms
+(AWQ/SmoothQuant scale folding) register separately: transforms are not quantizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SchemeError
+from ..formats import QuantizedTensor, QuantScheme
+
+QuantizeWeight = Callable[[torch.Tensor, QuantScheme, dict[str, torch.Tensor], Any],
+                          QuantizedTensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered quantization method."""
+
+    name: str
+    quantize_weight: QuantizeWeight
+    needs: frozenset[str] = frozenset()
+    config_cls: type | None = None
+    description: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.needs)
+
+    def make_config(self, options: dict[str, Any] | None = None) -> Any:
+        if self.config_cls is None:
+            if options:
+                raise SchemeError(f"method {self.name} takes no options, got {sorted(options)}")
+            return None
+        try:
+            return self.config_cls(**(options or {}))
+        except TypeError as e:
+            raise SchemeError(f"bad options for method {self.name}: {e}") from None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    for key in (method.name, *method.aliases):
+        if key in _METHODS:
+            raise ValueError(f"method name {key!r} registered twice")
+        _METHODS[key] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from . import rtn  # noqa: F401  (registration)
+
+    try:
+        return _METHODS[name.lower()]
+    except KeyError:
+        raise SchemeError(f"unknown method {name!r}; available: {', '.join(list_methods())}") \
+            from None
+
+
+def list_methods() -> list[str]:
+    from . import rtn  # noqa: F401
+
+    return sorted({m.name for m in _METHODS.values()})

@@ -1,0 +1,222 @@
+"""The native artifact: a folder that reloads a quantized model without its source.
+
+    OUT/
+      config.json, tokenizer files   the model's own (transformers layout)
+      model.safetensors              packed codes + parameters per quantized layer
+                                     (<layer>.qweight, .scales, .zeros, .g_idx, …) and every
+                                     other tensor in the recipe's keep_dtype
+      edgequant.json                 recipe, per-layer schemes, source identity (sha256),
+                                     calibration description, library versions, file sha256
+
+Nothing is pickled. Loading checks the manifest and the weights' checksum, then validates
+every tensor name, shape and dtype from the safetensors header before reading any data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..errors import ArtifactError
+from ..formats import QuantizedTensor, QuantScheme
+from ..formats.tensor import validate_layout
+from ..io_utils import atomic_dir, sha256_file
+from ..nn.quant_linear import QuantLinear
+from ..nn.recipe import Recipe
+from ..nn.surgery import replace_module
+from .model import Model
+
+MANIFEST = "edgequant.json"
+WEIGHTS = "model.safetensors"
+FORMAT_NAME = "edgequant-artifact"
+FORMAT_VERSION = 1
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("edgequant", "torch", "transformers", "safetensors", "gguf"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _stored_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to write (tied duplicates once) and the map of tied names to their twin."""
+    assert model.recipe is not None
+    keep = getattr(torch, model.recipe.keep_dtype)
+    qnames = {f"{n}.{b}" for n, m in model.module.named_modules() if isinstance(m, QuantLinear)
+              for b in m.quantized().tensors()}
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, t in model.module.state_dict().items():
+        if t.numel() and t.data_ptr() in seen:
+            tied[name] = seen[t.data_ptr()]
+            continue
+        seen[t.data_ptr()] = name
+        if t.is_floating_point() and name not in qnames:
+            t = t.to(keep)
+        out[name] = t.detach().contiguous()
+    return out, tied
+
+
+def save_artifact(model: Model, path: Path, force: bool = False) -> Path:
+    """Write ``model`` (which must be quantized) as a native artifact folder at ``path``."""
+    if model.recipe is None:
+        raise ArtifactError("only quantized models are saved as edgequant artifacts; "
+                            "quantize it first (eq.quantize) or export it (eq.export)")
+    tensors, tied = _stored_tensors(model)
+    with atomic_dir(path, force=force) as tmp:
+        config = model.module.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "source": model.source,
+            "recipe": model.recipe.to_dict(),
+            "layers": model.layers,
+            "tied": tied,
+            "calibration": model.calibration,
+            "versions": library_versions(),
+            "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"{path} is not an edgequant artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{file} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{file} is not an edgequant manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{file} has format version {manifest.get('version')}; this "
+                            f"edgequant reads version {FORMAT_VERSION}")
+    for key in ("recipe", "layers", "source", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{file} lacks {key!r}")
+    return manifest
+
+
+def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            out = {}
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                sl = f.get_slice(k)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise ArtifactError(f"{weights}: tensor {k} has unsupported dtype "
+                                        f"{sl.get_dtype()}")
+                out[k] = (tuple(sl.get_shape()), dtype)
+            return out
+    except safetensors.SafetensorError as e:
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {e}") from None
+
+
+def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The model's modules with QuantLinear in place, weights uninitialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import spec_for
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}/config.json cannot be read: {e}") from None
+    spec_for(config)
+    with torch.device("meta"):
+        module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, rec in manifest["layers"].items():
+        scheme = QuantScheme.from_dict(rec["scheme"])
+        shape = tuple(rec["shape"])
+        layout = QuantizedTensor.layout(shape, scheme, act_order=rec.get("act_order", False))
+        empty = {k: torch.empty(s, dtype=d) for k, (s, d) in layout.items()}
+        qt = QuantizedTensor.from_tensors(empty, scheme, shape, where=name)
+        bias = torch.empty(shape[0]) if rec.get("bias") else None
+        try:
+            replace_module(module, name, QuantLinear(qt, bias))
+        except AttributeError:
+            raise ArtifactError(f"manifest names layer {name}, which the model does not "
+                                f"have") from None
+    return module
+
+
+def load_artifact(path: str | Path) -> Model:
+    """Load a native artifact folder, validating it before reading tensor data."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    recipe = Recipe.from_dict(manifest["recipe"])
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{path} lacks {WEIGHTS}")
+    if sha256_file(weights) != manifest["files"].get(WEIGHTS):
+        raise ArtifactError(f"{weights} does not match the checksum in {MANIFEST}: the file "
+                            f"is corrupt or was modified; re-create the artifact")
+    module = _skeleton(path, manifest)
+    keep = getattr(torch, recipe.keep_dtype)
+    tied = manifest.get("tied", {})
+    qnames = {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantLinear)
+              for b in m.quantized().tensors()}
+    expected = {k: (tuple(t.shape), keep if t.is_floating_point() and k not in qnames else t.dtype)
+                for k, t in module.state_dict().items() if k not in tied}
+    validate_layout(_header(weights), expected, str(weights))
+    state = safetensors.torch.load_file(str(weights))
+    state = {k: v.to(torch.float32) if v.is_floating_point() and k not in qnames else v
+             for k, v in state.items()}
+    for name, twin in tied.items():
+        state[name] = state[twin]
+    module.load_state_dict(state, strict=True, assign=True)
+    _restore_non_persistent(module)
+    if tied:
+        module.tie_weights()
+    module.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Model(module, tokenizer, manifest["source"], recipe, manifest["layers"],
+                 manifest.get("calibration"))
+
+
+def _restore_non_persistent(module: nn.Module) -> None:
+    """Re-create buffers that live outside the state dict (e.g. rotary inv_freq) off meta."""
+    for sub in module.modules():
+        for bname, buf in list(sub._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if hasattr(sub, "rope_init_fn") or bname in ("inv_freq", "original_inv_freq"):
+                    continue
+                raise ArtifactError(f"buffer {bname} of {type(sub).__name__} was not restored")
+        if hasattr(sub, "rope_init_fn") and getattr(sub, "inv_freq", None) is not None \
+                and sub.inv_freq.is_meta:
+            inv_freq, scaling = sub.rope_init_fn(sub.config, torch.device("cpu"))
+            sub.register_buffer("inv_freq", inv_freq, persistent=False)
+            sub.original_inv_freq = inv_freq
+            sub.attention_scaling = scaling

@@ -1,0 +1,52 @@
+"""``QuantLinear``: a linear layer that stores packed codes and computes by dequantizing.
+
+Everything a ``QuantizedTensor`` stores becomes a buffer under the same name (``qweight``,
+``scales``, ``zeros``, …), so a model's ``state_dict`` *is* the artifact's tensor layout and
+``nbytes`` counts exactly what is kept in memory. The forward pass dequantizes and calls a
+dense matmul: simple and exact; faster kernels can replace ``forward`` later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import QuantizedTensor, QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """y = x · dequant(W)ᵀ + b, with W kept packed."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.scheme: QuantScheme = qt.scheme
+        self.out_features, self.in_features = qt.shape
+        self._names = tuple(qt.tensors())
+        for name, t in qt.tensors().items():
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def quantized(self) -> QuantizedTensor:
+        t = {n: getattr(self, n) for n in self._names}
+        stored = {k: v for k, v in t.items() if k not in ("qweight", "g_idx")}
+        return QuantizedTensor(self.scheme, (self.out_features, self.in_features),
+                               t["qweight"], stored, t.get("g_idx"))
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, b)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight (codes and parameters); the bias is counted apart."""
+        return self.quantized().nbytes
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme.name}, bias={self.bias is not None}")
