@@ -54,7 +54,8 @@ class NumberFormat(ABC):
                scheme: QuantScheme) -> torch.Tensor:
         """float32 values of ``codes`` under ``params``."""
 
-    def store(self, params: dict[str, torch.Tensor], scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    def store(self, params: dict[str, torch.Tensor],
+              scheme: QuantScheme) -> dict[str, torch.Tensor]:
         """Tensors written to disk; default: every parameter in ``scheme.scale_dtype``."""
         dt = TORCH_DTYPES[scheme.scale_dtype]
         return {k: v.reshape(v.shape[:2]).to(dt).contiguous() for k, v in params.items()}

@@ -48,7 +48,8 @@ class IntFormat(NumberFormat):
                scheme: QuantScheme) -> torch.Tensor:
         return (codes.to(torch.float32) - self.zero(params, scheme)) * params["scales"]
 
-    def store(self, params: dict[str, torch.Tensor], scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    def store(self, params: dict[str, torch.Tensor],
+              scheme: QuantScheme) -> dict[str, torch.Tensor]:
         out = {"scales": params["scales"].reshape(params["scales"].shape[:2])
                .to(TORCH_DTYPES[scheme.scale_dtype]).contiguous()}
         if "zeros" in params:

@@ -156,7 +156,8 @@ class QuantScheme:
         return _parse(text)
 
 
-_HEAD = re.compile(r"^(?:w(?P<bits>\d)|(?P<fmt>nf4|fp4_e2m1|fp4|fp8_e4m3|fp8_e5m2|fp8|binary|ternary))"
+_HEAD = re.compile(r"^(?:w(?P<bits>\d)"
+                   r"|(?P<fmt>nf4|fp4_e2m1|fp4|fp8_e4m3|fp8_e5m2|fp8|binary|ternary))"
                    r"(?:g(?P<group>\d+))?(?:a(?P<act>\d+))?$")
 _FLAGS = {"asym", "dq", "tensor", "channel", "static", "bf16", "fp32", "fp16"}
 
@@ -171,7 +172,8 @@ def _parse(text: str) -> QuantScheme:
     if m is None:
         raise bad("expected w<bits>, nf4, fp4, fp4_e2m1, fp8, fp8_e5m2, binary or ternary")
     if unknown := set(flags) - _FLAGS:
-        raise bad(f"unknown suffix {'-'.join(sorted(unknown))}; suffixes: {', '.join(sorted(_FLAGS))}")
+        raise bad(f"unknown suffix {'-'.join(sorted(unknown))}; "
+                  f"suffixes: {', '.join(sorted(_FLAGS))}")
     fmt = "int" if m["bits"] else {"fp8": "fp8_e4m3"}.get(m["fmt"], m["fmt"])
     fixed_bits, granularity, group = FORMATS[fmt]
     bits = int(m["bits"]) if m["bits"] else fixed_bits

@@ -120,9 +120,12 @@ class QuantizedTensor:
                    tensors.get(G_IDX))
 
 
-def validate_layout(tensors: dict[str, torch.Tensor] | dict[str, tuple[tuple[int, ...], torch.dtype]],
-                    expected: dict[str, tuple[tuple[int, ...], torch.dtype]], where: str) -> None:
-    """Raise ArtifactError unless ``tensors`` (tensors or (shape, dtype) pairs) match ``expected``."""
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def validate_layout(tensors: dict[str, torch.Tensor] | Layout, expected: Layout,
+                    where: str) -> None:
+    """Raise ArtifactError unless ``tensors`` (or (shape, dtype) pairs) match ``expected``."""
     names = set(tensors)
     if names != set(expected):
         raise ArtifactError(f"{where}: stored tensors {sorted(names)} do not match the scheme's "

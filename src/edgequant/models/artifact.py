@@ -14,6 +14,7 @@ every tensor name, shape and dtype from the safetensors header before reading an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 from pathlib import Path
@@ -51,10 +52,8 @@ def library_versions() -> dict[str, str]:
 
     out = {}
     for pkg in ("edgequant", "torch", "transformers", "safetensors", "gguf"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -153,7 +152,11 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}/config.json cannot be read: {e}") from None
     spec_for(config)
-    with torch.device("meta"):
+    # Real (CPU) tensors, not meta: buffers outside the state dict (rotary inv_freq) must be
+    # computed by the model's own constructor. no_init_weights skips the random init.
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
         module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, rec in manifest["layers"].items():
         scheme = QuantScheme.from_dict(rec["scheme"])
@@ -197,26 +200,9 @@ def load_artifact(path: str | Path) -> Model:
     for name, twin in tied.items():
         state[name] = state[twin]
     module.load_state_dict(state, strict=True, assign=True)
-    _restore_non_persistent(module)
     if tied:
         module.tie_weights()
     module.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Model(module, tokenizer, manifest["source"], recipe, manifest["layers"],
                  manifest.get("calibration"))
-
-
-def _restore_non_persistent(module: nn.Module) -> None:
-    """Re-create buffers that live outside the state dict (e.g. rotary inv_freq) off meta."""
-    for sub in module.modules():
-        for bname, buf in list(sub._buffers.items()):
-            if buf is not None and buf.is_meta:
-                if hasattr(sub, "rope_init_fn") or bname in ("inv_freq", "original_inv_freq"):
-                    continue
-                raise ArtifactError(f"buffer {bname} of {type(sub).__name__} was not restored")
-        if hasattr(sub, "rope_init_fn") and getattr(sub, "inv_freq", None) is not None \
-                and sub.inv_freq.is_meta:
-            inv_freq, scaling = sub.rope_init_fn(sub.config, torch.device("cpu"))
-            sub.register_buffer("inv_freq", inv_freq, persistent=False)
-            sub.original_inv_freq = inv_freq
-            sub.attention_scaling = scaling
