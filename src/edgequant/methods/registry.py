@@ -2,8 +2,11 @@
 
 A method chooses codes for one layer: ``quantize_weight(W, scheme, stats, config)`` returns a
 ``QuantizedTensor``. ``needs`` names the calibration statistics it asks the pipeline for
-(e.g. ``"hessian"``); an empty set means no calibration data at all. Model-level transforms
-(AWQ/SmoothQuant scale folding) register separately: transforms are not quantizers.
+(``observers.stats``: ``hessian``, ``act_absmean``, ``act_absmax``); an empty set and no
+transform means no calibration data at all. An optional block ``transform`` (AWQ/SmoothQuant
+scale folding) runs on each block before its layers are quantized — transforms are not
+quantizers, so a method composes one with a ``quantize_weight``. ``module`` names the
+``nn`` module class (``nn.modules.MODULES``) that holds the result.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from ..formats import QuantizedTensor, QuantScheme
 
 QuantizeWeight = Callable[[torch.Tensor, QuantScheme, dict[str, torch.Tensor], Any],
                           QuantizedTensor]
+#: transform(block, ctx) rescales a block's weights in place before its layers are quantized
+BlockTransform = Callable[[Any, Any], None]
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,12 @@ class Method:
     config_cls: type | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    transform: BlockTransform | None = None
+    module: str = "quant_linear"
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.needs)
+        return bool(self.needs) or self.transform is not None
 
     def make_config(self, options: dict[str, Any] | None = None) -> Any:
         if self.config_cls is None:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError
-from ..formats import QuantizedTensor, QuantScheme
 from ..formats.tensor import validate_layout
 from ..io_utils import atomic_dir, sha256_file
+from ..nn.modules import module_class
 from ..nn.quant_linear import QuantLinear
 from ..nn.recipe import Recipe
 from ..nn.surgery import replace_module
@@ -159,14 +159,9 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
     with no_init_weights():
         module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, rec in manifest["layers"].items():
-        scheme = QuantScheme.from_dict(rec["scheme"])
-        shape = tuple(rec["shape"])
-        layout = QuantizedTensor.layout(shape, scheme, act_order=rec.get("act_order", False))
-        empty = {k: torch.empty(s, dtype=d) for k, (s, d) in layout.items()}
-        qt = QuantizedTensor.from_tensors(empty, scheme, shape, where=name)
-        bias = torch.empty(shape[0]) if rec.get("bias") else None
+        layer = module_class(rec.get("module", "quant_linear")).skeleton(rec, where=name)
         try:
-            replace_module(module, name, QuantLinear(qt, bias))
+            replace_module(module, name, layer)
         except AttributeError:
             raise ArtifactError(f"manifest names layer {name}, which the model does not "
                                 f"have") from None

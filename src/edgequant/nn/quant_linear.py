@@ -14,6 +14,8 @@ from torch import nn
 
 from ..formats import QuantizedTensor, QuantScheme
 
+Record = dict  # a layer's entry in the artifact manifest (see pipeline.layer_record)
+
 
 class QuantLinear(nn.Module):
     """y = x · dequant(W)ᵀ + b, with W kept packed."""
@@ -27,6 +29,27 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
+                       stats: dict | None = None, config: object = None) -> QuantLinear:
+        """The layer a method's result becomes (subclasses may use calibration ``stats``)."""
+        return cls(qt, bias)
+
+    def record_extra(self) -> dict:
+        """Manifest fields beyond scheme/shape/bias that :meth:`skeleton` needs."""
+        return {"act_order": getattr(self, "g_idx", None) is not None}
+
+    @classmethod
+    def skeleton(cls, record: Record, where: str = "") -> QuantLinear:
+        """An uninitialised layer with the buffers a manifest record describes (for loading)."""
+        scheme = QuantScheme.from_dict(record["scheme"])
+        shape = tuple(record["shape"])
+        layout = QuantizedTensor.layout(shape, scheme,  # type: ignore[arg-type]
+                                        act_order=record.get("act_order", False))
+        empty = {k: torch.empty(s, dtype=d) for k, (s, d) in layout.items()}
+        qt = QuantizedTensor.from_tensors(empty, scheme, shape, where=where)  # type: ignore[arg-type]
+        return cls(qt, torch.empty(shape[0]) if record.get("bias") else None)
 
     def quantized(self) -> QuantizedTensor:
         t = {n: getattr(self, n) for n in self._names}

@@ -49,8 +49,9 @@ def untie_if_needed(model: nn.Module, plan: dict[str, QuantScheme]) -> None:
             model.config.get_text_config().tie_word_embeddings = False
 
 
-def round_kept_tensors(model: nn.Module, keep_dtype: str) -> None:
-    """Round every float parameter outside ``QuantLinear`` weights through ``keep_dtype``."""
+def round_kept_tensors(model: nn.Module, keep_dtype: str, skip: set[str] | None = None) -> None:
+    """Round every float parameter through ``keep_dtype``, except those named in ``skip``
+    (the weights about to be quantized; ``QuantLinear`` codes are buffers, never touched)."""
     if keep_dtype not in KEEP_DTYPES:
         raise SchemeError(f"keep_dtype must be one of {KEEP_DTYPES}")
     dt = getattr(torch, keep_dtype)
@@ -59,7 +60,7 @@ def round_kept_tensors(model: nn.Module, keep_dtype: str) -> None:
     limit = torch.finfo(dt).max
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not p.is_floating_point():
+            if not p.is_floating_point() or name in (skip or ()):
                 continue
             if p.abs().max() > limit:
                 raise SchemeError(f"{name} exceeds the {keep_dtype} range; "

@@ -1,0 +1,65 @@
+"""The calibrated, block-by-block path of the pipeline, checked with a probe method."""
+
+import pytest
+import torch
+
+import edgequant as eq
+from edgequant.errors import DataError
+from edgequant.formats import quantize_tensor
+from edgequant.methods import Method, register_method
+from edgequant.methods.registry import _METHODS
+from edgequant.models.model import Model
+from edgequant.pipeline import Calibration
+
+from .helpers import tiny_tokenizer
+
+SEEN: list[dict] = []
+
+
+def _probe(w, scheme, stats, config):
+    SEEN.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()})
+    return quantize_tensor(w, scheme)
+
+
+if "test_probe" not in _METHODS:
+    register_method(Method("test_probe", _probe, needs=frozenset({"hessian", "act_absmean"})))
+
+
+def wrap(module):
+    return Model(module, tiny_tokenizer(module.config.vocab_size), {"name": "tiny"})
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_stats_come_from_quantized_predecessors(fixture, request):
+    module = request.getfixturevalue(fixture)
+    SEEN.clear()
+    tokens = torch.randint(4, 128, (6, 20), generator=torch.Generator().manual_seed(1))
+    q = eq.quantize(wrap(module), "test_probe", scheme="w4g32", calib=tokens)
+    assert len(SEEN) == 14
+    # Recompute block 1 q_proj's inputs by running the *quantized* model: the pipeline fed
+    # block 1 with block 0's quantized outputs, and block 1 itself was still unquantized
+    # when q_proj's inputs were observed (its input does not depend on block 1's weights).
+    xs = []
+    h = q.module.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        q.module(input_ids=tokens, use_cache=False)
+    h.remove()
+    x = torch.cat(xs)
+    stats = SEEN[7]
+    assert stats["n_tokens"] == tokens.numel()
+    torch.testing.assert_close(stats["hessian"], 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats["act_absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_calibrated_method_without_data_is_refused(tiny_llama):
+    with pytest.raises(DataError, match="calibration"):
+        eq.quantize(wrap(tiny_llama), "test_probe", scheme="w4g32")
+
+
+@pytest.mark.parametrize("bad", [torch.empty(0, 16, dtype=torch.long),
+                                 torch.ones(4, 1, dtype=torch.long),
+                                 torch.ones(16, dtype=torch.long)])
+def test_empty_or_too_short_calibration(bad):
+    with pytest.raises(DataError):
+        Calibration(bad)
