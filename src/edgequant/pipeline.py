@@ -14,6 +14,7 @@ It knows the order of blocks and layers and what each method asks for, never a m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,10 +168,8 @@ def capture_block_inputs(module: nn.Module, blocks: nn.ModuleList, batches: list
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_Stop):
                 module(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return inputs, kwargs
