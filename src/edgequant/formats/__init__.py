@@ -3,7 +3,7 @@
 Importing this package registers every format.
 """
 
-from . import integer  # noqa: F401  (registers formats)
+from . import codebook, floating, integer, sign  # noqa: F401  (registers formats)
 from .base import NumberFormat, get_format, register_format
 from .scheme import QuantScheme
 from .tensor import QuantizedTensor, quantize_tensor
