@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgequant.errors import SchemeError
 from edgequant.formats import QuantScheme, get_format, quantize_tensor
 from edgequant.formats.base import group, ungroup
 from edgequant.formats.codebook import FP4_CODE, NF4_CODE, dynamic_map
@@ -118,7 +119,7 @@ def test_codebooks_by_hand():
 def test_each_code_is_the_nearest_codebook_value(quant_type, rows, cols, seed, dq, gran):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     scheme = QuantScheme(format=quant_type, granularity=gran, double_quant=dq,
-                         group_size=64 if gran == "group" else None)
+                         group_size=64 if gran == "group" else None, scale_dtype="float32")
     fmt = get_format(quant_type)
     xg = group(w, scheme)
     p = fmt.params(xg, scheme)
@@ -143,7 +144,7 @@ def test_double_quant_reconstructs_absmax_closely():
     assert ((a_hat - a).abs() <= block_max * (0.9 / 64) / 2 * 1.01).all()
 
 
-@pytest.mark.parametrize("text", ["nf4", "fp4-dq", "nf4-channel", "fp4-tensor", "nf4-dq-bf16"])
+@pytest.mark.parametrize("text", ["nf4", "fp4-dq", "nf4-channel", "fp4-tensor", "nf4-dq-fp32"])
 def test_all_zero_weights_are_exact_with_finite_stored_values(text):
     w = torch.randn(3, 192)
     w[1] = 0.0
@@ -156,10 +157,16 @@ def test_all_zero_weights_are_exact_with_finite_stored_values(text):
     assert torch.equal(z.dequantize(), torch.zeros(2, 130))
 
 
-@pytest.mark.parametrize("text", ["nf4", "nf4-bf16", "nf4-fp32", "fp4"])
-def test_absmax_is_fp32_whatever_the_scale_dtype(text):
+@pytest.mark.parametrize("text", ["nf4", "nf4-fp32", "fp4"])
+def test_absmax_is_fp32(text):
     q = quantize_tensor(torch.randn(4, 128), text)
     assert q.stored["absmax"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("text", ["nf4-bf16", "fp4-fp16"])
+def test_other_absmax_dtypes_are_refused(text):
+    with pytest.raises(SchemeError, match="float32"):
+        QuantScheme.parse(text)
 
 
 def test_bits_per_weight_by_hand():

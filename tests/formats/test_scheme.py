@@ -18,9 +18,10 @@ EXPECTED = {
     "w8-tensor": dict(bits=8, granularity="tensor", group_size=None),
     "w8a8": dict(bits=8, granularity="channel", act_bits=8, act_dynamic=True),
     "w4g64-bf16": dict(bits=4, group_size=64, scale_dtype="bfloat16"),
-    "nf4": dict(bits=4, format="nf4", granularity="group", group_size=64, double_quant=False),
-    "nf4-dq": dict(format="nf4", group_size=64, double_quant=True),
-    "fp4": dict(format="fp4", granularity="group", group_size=64),
+    "nf4": dict(bits=4, format="nf4", granularity="group", group_size=64, double_quant=False,
+                scale_dtype="float32"),  # bitsandbytes keeps absmax in fp32
+    "nf4-dq": dict(format="nf4", group_size=64, double_quant=True, scale_dtype="float32"),
+    "fp4": dict(format="fp4", granularity="group", group_size=64, scale_dtype="float32"),
     "fp4_e2m1g32": dict(format="fp4_e2m1", granularity="group", group_size=32),
     "fp8": dict(bits=8, format="fp8_e4m3", granularity="channel", group_size=None),
     "fp8_e5m2": dict(bits=8, format="fp8_e5m2", granularity="channel"),
@@ -64,7 +65,8 @@ def schemes(draw) -> QuantScheme:
     return QuantScheme(
         bits=bits, format=fmt, granularity=gran, group_size=group,
         symmetric=draw(st.booleans()) if fmt == "int" else True,
-        scale_dtype=draw(st.sampled_from(SCALE_DTYPES)),
+        scale_dtype=("float32" if fmt in ("nf4", "fp4")
+                     else draw(st.sampled_from(SCALE_DTYPES))),
         double_quant=draw(st.booleans()) if fmt in ("nf4", "fp4") else False,
         act_bits=draw(st.sampled_from([None, 8])) if fmt == "int" else None,
         act_dynamic=draw(st.booleans()),

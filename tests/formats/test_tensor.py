@@ -166,6 +166,7 @@ def test_layout_by_hand():
 
 def test_activation_schemes_need_integer_weights():
     with pytest.raises(SchemeError, match="integer"):
-        quantize_tensor(weight(), QuantScheme(format="nf4", bits=4, group_size=64, act_bits=8))
+        quantize_tensor(weight(), QuantScheme(format="nf4", bits=4, group_size=64, act_bits=8,
+                                              scale_dtype="float32"))
     q = quantize_tensor(weight(), "w8a8")
     assert q.scheme.act_bits == 8

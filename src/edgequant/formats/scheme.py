@@ -41,6 +41,13 @@ FORMATS: dict[str, tuple[int | None, Granularity, int | None]] = {
     "ternary": (2, "channel", None),
 }
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+#: bitsandbytes keeps NF4/FP4 block absmax in fp32; we do the same to stay bit-exact
+FP32_SCALE_FORMATS = ("nf4", "fp4")
+
+
+def default_scale_dtype(fmt: str) -> str:
+    return "float32" if fmt in FP32_SCALE_FORMATS else "float16"
+
 EXAMPLES = ("w4g128", "w3g128-asym", "w8", "w8-tensor", "w8a8", "w4g64-bf16", "nf4", "nf4-dq",
             "fp4", "fp4_e2m1g32", "fp8", "fp8_e5m2", "binary", "ternaryg64")
 
@@ -76,6 +83,9 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise SchemeError(f"unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.format in FP32_SCALE_FORMATS and self.scale_dtype != "float32":
+            raise SchemeError(f"{self.format} keeps its block absmax in float32 as bitsandbytes "
+                              f"does; pass scale_dtype='float32'")
         fixed_bits = FORMATS[self.format][0]
         if fixed_bits is not None and self.bits != fixed_bits:
             raise SchemeError(f"format {self.format} has {fixed_bits}-bit codes, not {self.bits}")
@@ -125,8 +135,8 @@ class QuantScheme:
             s += "-dq"
         if self.granularity == "tensor":
             s += "-tensor"
-        if self.scale_dtype != "float16":
-            s += {"bfloat16": "-bf16", "float32": "-fp32"}[self.scale_dtype]
+        if self.scale_dtype != default_scale_dtype(self.format):
+            s += {"float16": "-fp16", "bfloat16": "-bf16", "float32": "-fp32"}[self.scale_dtype]
         return s
 
     @property
@@ -185,7 +195,8 @@ def _parse(text: str) -> QuantScheme:
         if m["group"]:
             raise bad("a group size and -tensor contradict each other")
         granularity, group = "tensor", None
-    scale_dtype = "bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else "float16"
+    scale_dtype = ("bfloat16" if "bf16" in flags else "float32" if "fp32" in flags
+                   else "float16" if "fp16" in flags else default_scale_dtype(fmt))
     return QuantScheme(
         bits=bits, format=fmt, symmetric="asym" not in flags, granularity=granularity,
         group_size=group, scale_dtype=scale_dtype, double_quant="dq" in flags,
