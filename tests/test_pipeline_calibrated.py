@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import edgequant as eq
+from edgequant.data.calibration import Calibration
 from edgequant.errors import DataError
 from edgequant.formats import quantize_tensor
 from edgequant.methods import Method, register_method
 from edgequant.methods.registry import _METHODS
 from edgequant.models.model import Model
-from edgequant.pipeline import Calibration
 
 from .helpers import tiny_tokenizer
 
@@ -52,9 +52,10 @@ def test_stats_come_from_quantized_predecessors(fixture, request):
     torch.testing.assert_close(stats["act_absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
 
 
-def test_calibrated_method_without_data_is_refused(tiny_llama):
+def test_calibrated_method_with_empty_data_is_refused(tiny_llama):
     with pytest.raises(DataError, match="calibration"):
-        eq.quantize(wrap(tiny_llama), "test_probe", scheme="w4g32")
+        eq.quantize(wrap(tiny_llama), "test_probe", scheme="w4g32",
+                    calib=torch.empty(0, 8, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bad", [torch.empty(0, 16, dtype=torch.long),

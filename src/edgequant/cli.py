@@ -68,12 +68,20 @@ def quantize(
     override: list[str] = typer.Option([], "--override", help="PATTERN=SCHEME (or "
                                        "PATTERN=keep), e.g. 'lm_head=w8' or '*.down_proj=w8'."),
     keep_dtype: str = typer.Option("float16", help="dtype for unquantized tensors."),
+    option: list[str] = typer.Option([], "--set", help="Method option KEY=VALUE, e.g. "
+                                     "'act_order=true' or 'damp=0.02' (see the method's config)."),
+    calib: str = typer.Option("wiki", "--calib", help="Calibration corpus (wiki, lambada, "
+                              "shakespeare) or a text file; only for methods that need data."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Quantize SOURCE and save a native artifact."""
     from . import load
+    from .data.calibration import calibration
     from .io_utils import check_output
     from .nn.recipe import Recipe
     from .pipeline import quantize_model
@@ -82,18 +90,16 @@ def quantize(
         from .formats import QuantScheme
 
         check_output(output, force)
-        overrides = []
-        for o in override:
-            pattern, sep, s = o.partition("=")
-            if not sep:
-                raise EdgequantError(f"--override takes PATTERN=SCHEME, not {o!r}")
-            overrides.append((pattern, s))
         recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
-                        overrides=tuple(overrides), keep_dtype=keep_dtype)
+                        overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
+                        keep_dtype=keep_dtype,
+                        method_options={k: _literal(v) for k, v in
+                                        _pairs(option, "--set", "KEY=VALUE")})
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
-        q = quantize_model(model, recipe, inplace=True, progress=_progress_fn(quiet))
+        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed),
+                           inplace=True, progress=_progress_fn(quiet))
         q.save(output, force=force)
         return _info_dict(output)
 
@@ -103,6 +109,29 @@ def quantize(
     elif not quiet:
         _print_info(info)
         console.print(f"[green]saved[/] {output}")
+
+
+def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgequantError(f"{flag} takes {form}, not {item!r}")
+        out.append((key, value))
+    return out
+
+
+def _literal(text: str) -> Any:
+    """'true' → True, '0.02' → 0.02, '128' → 128, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _info_dict(path: Path) -> dict[str, Any]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import DataError, EdgequantError, WeightError
+from .data.calibration import Calibration, CalibrationSpec
+from .errors import EdgequantError, WeightError
 from .formats import QuantScheme
 from .methods import Method, get_method
 from .models.architectures import ArchSpec, block_list, spec_for
@@ -42,21 +43,6 @@ def _no_progress(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
 
 
 @dataclass
-class Calibration:
-    """Token windows for calibration and a description saved with the artifact."""
-
-    tokens: torch.Tensor  # (N, T) int64
-    description: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.tokens.dim() != 2 or self.tokens.numel() == 0:
-            raise DataError(f"calibration data must be a non-empty (samples, tokens) tensor, "
-                            f"got shape {tuple(self.tokens.shape)}")
-        if self.tokens.shape[1] < 2:
-            raise DataError("calibration windows need at least 2 tokens each")
-
-
-@dataclass
 class BlockContext:
     """What a block transform may use: the block, its inputs and which layers get which scheme."""
 
@@ -72,16 +58,26 @@ class BlockContext:
         return [_block_out(self.block(x, **self.kwargs)) for x in (inputs or self.inputs)]
 
 
-def quantize_model(model: Model, recipe: Recipe, calib: Calibration | torch.Tensor | None = None,
+def quantize_model(model: Model, recipe: Recipe,
+                   calib: Calibration | CalibrationSpec | torch.Tensor | None = None,
                    inplace: bool = False, progress: Progress = _no_progress) -> Model:
     """Quantize ``model`` by ``recipe``; returns a new ``Model`` (the input is kept unless
-    ``inplace``, which saves one copy of the weights)."""
+    ``inplace``, which saves one copy of the weights).
+
+    ``calib`` is used only by methods that need activations: token windows ``(N, T)``, a
+    ``Calibration``, or a ``CalibrationSpec`` (``eq.data.calibration(...)``) resolved with
+    the model's tokenizer; when such a method gets none, the default spec is used.
+    """
     method = get_method(recipe.method)
     config = method.make_config(recipe.method_options)
-    if isinstance(calib, torch.Tensor):
+    if not method.needs_calibration:
+        calib = None
+    elif calib is None:
+        calib = CalibrationSpec()
+    if isinstance(calib, CalibrationSpec):
+        calib = calib.build(model.tokenizer)
+    elif isinstance(calib, torch.Tensor):
         calib = Calibration(calib)
-    if method.needs_calibration and calib is None:
-        raise DataError(f"method {method.name} needs calibration data (e.g. --calib wiki)")
     module = model.module if inplace else copy.deepcopy(model.module)
     plan = plan_layers(module, recipe)
     if not plan:
@@ -91,7 +87,7 @@ def quantize_model(model: Model, recipe: Recipe, calib: Calibration | torch.Tens
     round_kept_tensors(module, recipe.keep_dtype, skip={f"{n}.weight" for n in plan})
     layers: dict[str, dict[str, Any]] = {}
     if method.needs_calibration:
-        assert calib is not None
+        assert isinstance(calib, Calibration)
         _quantize_blocks(module, plan, method, config, calib, layers, progress)
     for name in progress([n for n in plan if n not in layers], len(plan) - len(layers),
                          "quantizing layers"):

@@ -1,0 +1,68 @@
+"""Calibration sets: seeded windows of real text for the methods that need activations.
+
+Windows are drawn from the *second half* of a corpus's token stream, while evaluation reads
+from its start, so calibrating and evaluating on the same corpus (the default, ``wiki``, as
+llama.cpp's imatrix practice does with wiki train/test) never sees the same text twice.
+Each window starts with the tokenizer's BOS token when it has one, as evaluation windows do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .tokens import as_text_tokenizer, corpus_tokens, sample_windows
+
+DEFAULT_CORPUS = "wiki"
+
+
+@dataclass
+class Calibration:
+    """Token windows ``(N, T)`` and a description that is saved with the artifact."""
+
+    tokens: torch.Tensor
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2 or self.tokens.numel() == 0:
+            raise DataError(f"calibration data must be a non-empty (samples, tokens) tensor, "
+                            f"got shape {tuple(self.tokens.shape)}")
+        if self.tokens.shape[1] < 2:
+            raise DataError("calibration windows need at least 2 tokens each")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What to sample; resolved against a model's tokenizer by :meth:`build`."""
+
+    corpus: str = DEFAULT_CORPUS
+    n: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def build(self, tokenizer: Any) -> Calibration:
+        if self.n < 1 or self.seq_len < 2:
+            raise DataError(f"calibration needs at least 1 sample of 2 tokens, got "
+                            f"n={self.n}, seq_len={self.seq_len}")
+        stream = corpus_tokens(self.corpus, tokenizer)
+        held = stream[stream.numel() // 2:]
+        bos = getattr(as_text_tokenizer(tokenizer), "bos_id", None)
+        body = self.seq_len - (1 if bos is not None else 0)
+        if held.numel() < body:
+            raise DataError(f"corpus {self.corpus!r} is too short for calibration: its second "
+                            f"half has {held.numel()} tokens, fewer than one window of "
+                            f"{self.seq_len}; use a longer corpus or --calib-len")
+        windows = sample_windows(held, self.n, body, seed=self.seed)
+        if bos is not None:
+            windows = torch.cat([torch.full((self.n, 1), bos, dtype=windows.dtype), windows], 1)
+        return Calibration(windows, {**asdict(self), "tokens": int(windows.numel()),
+                                     "source": "second half of the token stream"})
+
+
+def calibration(corpus: str = DEFAULT_CORPUS, n: int = 128, seq_len: int = 512,
+                seed: int = 0) -> CalibrationSpec:
+    """A calibration set description, e.g. ``eq.data.calibration("wiki", n=128, seq_len=512)``."""
+    return CalibrationSpec(str(corpus), n, seq_len, seed)
