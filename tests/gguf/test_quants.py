@@ -227,6 +227,7 @@ def _assert_same_blocks(ours: np.ndarray, ref: np.ndarray, qtype: GGMLQuantizati
     assert same.all(), f"{qtype.name} {what}: {np.count_nonzero(~same)}/{same.size} blocks differ"
 
 
+@pytest.mark.llama
 @needs_llama
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
 def test_matches_llama_cpp(qtype):
@@ -248,6 +249,7 @@ def test_matches_llama_cpp(qtype):
             _assert_same_blocks(ours, ref, qtype, f"{dname}/{iname}")
 
 
+@pytest.mark.llama
 @needs_llama
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -266,6 +268,7 @@ def test_matches_llama_cpp_property(qtype, x, use_imatrix):
     )
 
 
+@pytest.mark.llama
 @needs_llama
 def test_chunked_rows_match_llama_cpp(monkeypatch):
     monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 1000)  # several rows per chunk, ragged end

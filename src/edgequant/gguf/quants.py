@@ -216,6 +216,19 @@ def _seq(a: np.ndarray) -> np.ndarray:
     return np.cumsum(a, axis=-1, dtype=F32)[..., -1] + F32(0)
 
 
+def _colsum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """The same sequential sum over axis 0 of an element-major ``(n, B)`` array.
+
+    The searches below keep blocks in columns so that each of these sums is ``n`` vector adds
+    (np.cumsum along a short last axis is an order of magnitude slower). ``from_zero=False``
+    starts from ``a[0]`` instead of ``0 + a[0]``, which differs only in the sign of zero.
+    """
+    s = a[0] + F32(0) if from_zero else a[0].copy()
+    for row in a[1:]:
+        s += row
+    return s
+
+
 def _pick(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, index[:, None], axis=1)[:, 0]
 
@@ -246,6 +259,14 @@ def _seq_sq(x: np.ndarray) -> np.ndarray:
     return _seq(x * x)
 
 
+def _cols(a: np.ndarray) -> np.ndarray:
+    """``(B, n)`` blocks -> element-major ``(n, B)``."""
+    return np.ascontiguousarray(a.T)
+
+
+# The four searches take and return blocks as rows ``(B, n)``, and work on columns inside.
+
+
 @_quiet
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None):
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: symmetric scale search.
@@ -255,13 +276,14 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None):
     xmax = _absmax(x)
     zero = np.abs(xmax) < _EPS
     xmax = np.where(zero, F32(1), xmax)
-    w = x * x if qw is None else qw
-    wx = w * x
+    xt = _cols(x)
+    w = xt * xt if qw is None else _cols(qw)
+    wx = w * xt
 
     def fit(iscale):
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        l = np.clip(_nearest_int(iscale * xt), -nmax, nmax - 1)
         lf = l.astype(F32)
-        return l + nmax, _seq(wx * lf), _seq(w * lf * lf)
+        return l + nmax, _colsum(wx * lf), _colsum(w * lf * lf)
 
     L, sumlx, suml2 = fit(F32(-nmax) / xmax)
     scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
@@ -269,10 +291,10 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None):
     for step in (s for s in range(-9, 10) if s):
         Lc, slx, sl2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / xmax)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        L = np.where(better[:, None], Lc, L)
+        L = np.where(better, Lc, L)
         scale = np.where(better, slx / sl2, scale)
         best = np.where(better, scale * slx, best)
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L).T
 
 
 @_quiet
@@ -281,29 +303,30 @@ def make_q3_quants(x: np.ndarray, nmax: int):
     xmax = _absmax(x)
     zero = np.abs(xmax) < _EPS
     xmax = np.where(zero, F32(1), xmax)
-    w = x * x
-    wx = w * x
-    L = np.clip(_nearest_int((F32(-nmax) / xmax)[:, None] * x), -nmax, nmax - 1)
+    xt = _cols(x)
+    w = xt * xt
+    wx = w * xt
+    L = np.clip(_nearest_int((F32(-nmax) / xmax) * xt), -nmax, nmax - 1)
     lf = L.astype(F32)
-    sumlx, suml2 = _seq(wx * lf), _seq(w * lf * lf)
+    sumlx, suml2 = _colsum(wx * lf), _colsum(w * lf * lf)
     # C stops early when a pass changes nothing; a pass that changes nothing leaves the state
     # as it was, so running all five passes gives the same result.
     for _ in range(5):
-        for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
+        for i in range(xt.shape[0]):
+            wi, xi, li = w[i], xt[i], L[i].astype(F32)
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             new = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
-            take = (slx > 0) & (new != L[:, i])
+            take = (slx > 0) & (new != L[i])
             nf = new.astype(F32)
             slx = slx + wi * xi * nf
             sl2 = sl2 + wi * nf * nf
             take &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[:, i] = np.where(take, new, L[:, i])
+            L[i] = np.where(take, new, L[i])
             sumlx = np.where(take, slx, sumlx)
             suml2 = np.where(take, sl2, suml2)
     scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L + nmax)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax).T
 
 
 @_quiet
@@ -317,15 +340,16 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     hi = _pick(x, np.argmax(x, axis=1))
     lo = np.where(lo > 0, F32(0), lo)
     flat = ~(hi > lo)
-    sum_w = np.cumsum(w, axis=1, dtype=F32)[:, -1]  # C starts from weights[0], not 0
-    sum_x = np.cumsum(w * x, axis=1, dtype=F32)[:, -1]
+    xt, wt = _cols(x), _cols(w)
+    sum_w = _colsum(wt, from_zero=False)  # C starts from weights[0], not 0
+    sum_x = _colsum(wt * xt, from_zero=False)
 
     def codes(iscale, mn):
-        return np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+        return np.clip(_nearest_int(iscale * (xt - mn)), 0, nmax).astype(F32)
 
     def error(scale, mn, lf):
-        diff = scale[:, None] * lf + mn[:, None] - x
-        return _seq(w * (np.abs(diff) if use_mad else diff * diff))
+        diff = scale * lf + mn - xt
+        return _colsum(wt * (np.abs(diff) if use_mad else diff * diff))
 
     iscale = F32(nmax) / (hi - lo)
     scale = F32(1) / iscale
@@ -333,8 +357,8 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     best = error(scale, lo, Lf)
     for step in range(nstep + 1):
         Laux = codes((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo), lo)
-        wl = w * Laux
-        sum_l, sum_l2, sum_xl = _seq(wl), _seq(wl * Laux), _seq(wl * x)
+        wl = wt * Laux
+        sum_l, sum_l2, sum_xl = _colsum(wl), _colsum(wl * Laux), _colsum(wl * xt)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -343,11 +367,11 @@ def make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min, Laux)
         better = (D > 0) & (cur < best)
-        Lf = np.where(better[:, None], Laux, Lf)
+        Lf = np.where(better, Laux, Lf)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         lo = np.where(better, this_min, lo)
-    L = np.where(flat[:, None], 0, Lf.astype(np.int32))
+    L = np.where(flat, 0, Lf.astype(np.int32)).T
     return np.where(flat, F32(0), scale), -lo, L
 
 
@@ -357,31 +381,32 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
 
     Returns ``(scale (B,), L (B, n) as the C's uint8_t array holds it)``.
     """
-    xmax = np.zeros(x.shape[0], F32)
-    for i in range(x.shape[1]):  # MAX(max, x[i]) = max > x[i] ? max : x[i], NaNs included
-        xmax = np.where(xmax > x[:, i], xmax, x[:, i])
+    xt, wt = _cols(x), _cols(qw)
+    xmax = np.zeros(xt.shape[1], F32)
+    for row in xt:  # MAX(max, x[i]) = max > x[i] ? max : x[i], NaNs included
+        xmax = np.where(xmax > row, xmax, row)
     zero = xmax < _EPS
     xmax = np.where(zero, F32(1), xmax)
-    wx = qw * x
+    wx = wt * xt
     iscale = F32(nmax) / xmax
-    L8 = (_nearest_int(iscale[:, None] * x) & 0xFF).astype(F32)  # stored in uint8_t
-    diff = x - (F32(1) / iscale)[:, None] * L8
-    best = _seq(qw * diff * diff)
+    L8 = (_nearest_int(iscale * xt) & 0xFF).astype(F32)  # stored in uint8_t
+    diff = xt - (F32(1) / iscale) * L8
+    best = _colsum(wt * diff * diff)
     for step in (s for s in range(-4, 5) if s):
         cand = (F32(0.1) * F32(step) + F32(nmax)) / xmax
-        l = np.minimum(nmax, _nearest_int(cand[:, None] * x)).astype(F32)
-        diff = x - (F32(1) / cand)[:, None] * l
-        mse = _seq(qw * diff * diff)
+        l = np.minimum(nmax, _nearest_int(cand * xt)).astype(F32)
+        diff = xt - (F32(1) / cand) * l
+        mse = _colsum(wt * diff * diff)
         better = mse < best
         best = np.where(better, mse, best)
         iscale = np.where(better, cand, iscale)
-    l = np.minimum(nmax, _nearest_int(iscale[:, None] * x))
+    l = np.minimum(nmax, _nearest_int(iscale * xt))
     lf = l.astype(F32)
-    sumlx, suml2 = _seq(wx * lf), _seq(qw * lf * lf)
+    sumlx, suml2 = _colsum(wx * lf), _colsum(wt * lf * lf)
     L = l & 0xFF
     for _ in range(5):  # see make_q3_quants on the early stop
-        for i in range(x.shape[1]):
-            wi, xi, li = qw[:, i], x[:, i], L[:, i].astype(F32)
+        for i in range(xt.shape[0]):
+            wi, xi, li = wt[i], xt[i], L[i].astype(F32)
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             ok = (slx > 0) & (sl2 > 0)
@@ -389,12 +414,12 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
             nf = new.astype(F32)
             slx = slx + wi * xi * nf
             sl2 = sl2 + wi * nf * nf
-            take = ok & (new != L[:, i]) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[:, i] = np.where(take, new & 0xFF, L[:, i])
+            take = ok & (new != L[i]) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = np.where(take, new & 0xFF, L[i])
             sumlx = np.where(take, slx, sumlx)
             suml2 = np.where(take, sl2, suml2)
     scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L).T
 
 
 def _imatrix_weights(rows, imatrix, group: int, sigma_factor: int, sigma_n: int) -> np.ndarray:
