@@ -130,6 +130,13 @@ _NEVER_QUANTIZED = (
 )
 _NEVER_QUANTIZED_NAMES = frozenset({"position_embd.weight", "token_types.weight"})
 
+# llm_type == LLM_TYPE_70B, as the loaders set it from the block count
+_70B_LAYERS: Mapping[str, int] = MappingProxyType(
+    {"llama": 80, "deci": 80, "olmo": 80, "qwen2": 80, "jais2": 68}
+)
+# architectures with their own branches in llama-quant.cpp that are not modelled here
+_UNMODELLED_ARCHS = frozenset({"glm5-next"})
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -320,19 +327,24 @@ def choose_types(
         ftype: a key of ``FILE_TYPES``, e.g. ``"Q4_K_M"``.
         n_layer: the model's block count (``n_ffn_down`` in llama.cpp).
         n_expert: experts per MoE layer (0 or 1 for a dense model).
-        arch: the GGUF ``general.architecture`` (only ``"falcon"`` changes rules).
+        arch: the GGUF ``general.architecture``. Only falcon has its own rules for the file
+            types here (and glm5-next, which is refused).
         n_gqa: attention heads per KV head (``n_head / n_head_kv``; Q2_K's attn_v uses it).
         has_imatrix: whether an importance matrix is used (changes Q4_0/Q5_0 ffn_down).
-        is_70b: llama.cpp's LLM_TYPE_70B (attn_v gets Q5_K); by default derived as llama.cpp
-            does for Llama: 80 layers with grouped-query attention.
+        is_70b: llama.cpp's LLM_TYPE_70B (attn_v gets Q5_K); by default derived from the
+            layer count as llama.cpp's loaders do (80 layers of llama with GQA, deci, olmo,
+            qwen2; 68 of jais2).
 
     Returns:
         ``{name: GGMLQuantizationType}`` for every tensor.
     """
     base = default_type(ftype)
+    if arch in _UNMODELLED_ARCHS:
+        raise GGUFError(f"llama.cpp has {arch}-specific mixture rules that edgequant lacks")
     items = sorted(tensors, key=_walk_order)
     if is_70b is None:
-        is_70b = arch == "llama" and n_layer == 80 and n_gqa > 1
+        is_70b = _70B_LAYERS.get(arch) == n_layer and (arch != "llama" or n_gqa > 1)
+        is_70b &= not (arch == "llama" and n_expert == 8)
     tied = all(t.name != "output.weight" for t in items)
     n_attn_v = sum(_category(t.name) == "attn_v" for t in items)
     counters = {"attn_v": 0, "ffn_down": 0}
