@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: a bare "torch" would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,llama]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,llama,peers,report]'
 	touch $(STAMP)
 
 demo: setup
