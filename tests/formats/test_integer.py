@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgequant.errors import SchemeError, WeightError
-from edgequant.formats import QuantScheme, quantize_tensor
+from edgequant.formats import QuantizedTensor, QuantScheme, quantize_tensor
+from edgequant.formats.base import ungroup
 
 from . import assert_rounded_up, per_element
 
@@ -160,3 +161,28 @@ def test_nbytes_by_hand():
     assert q.nbytes == 64 * 1536 // 2 + 64 * 12 * 2
     q = quantize_tensor(torch.randn(3, 7), "w3g4-asym")  # 21 codes, 6 groups
     assert q.nbytes == math.ceil(21 * 3 / 8) + 6 * 2 + math.ceil(6 * 3 / 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 150), bits=st.integers(2, 8),
+       g=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
+def test_float_zero_round_trip_and_bound(rows, cols, bits, g, seed):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3 + 0.5
+    scheme = QuantScheme.parse(f"w{bits}g{g}-asym-fz")
+    q = quantize_tensor(w, scheme)
+    assert q.stored["zeros"].dtype == torch.float16 and q.stored["zeros"].shape == q.pshape
+    s = q.params()["scales"]
+    step = ungroup(s.expand(*s.shape[:2], g), (rows, cols))
+    # fp16 rounding of the zero moves the grid by at most 2^-11 of the largest code
+    tol = step * (0.5 + ((1 << bits) - 1) * 2.0**-11) + 1e-6
+    assert ((q.dequantize() - w).abs() <= tol).all()
+    r = QuantizedTensor.from_tensors(q.tensors(), scheme, (rows, cols))
+    assert torch.equal(r.dequantize(), q.dequantize())
+    assert q.bits_per_weight == pytest.approx(
+        8 * (q.codes.numel() + 4 * q.pshape[0] * q.pshape[1]) / (rows * cols))
+
+
+def test_float_zero_needs_asymmetric_integers():
+    for bad in ("w4g64-fz", "nf4-fz", "fp8-fz"):
+        with pytest.raises(SchemeError, match="asym"):
+            QuantScheme.parse(bad)

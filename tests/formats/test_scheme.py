@@ -18,6 +18,7 @@ EXPECTED = {
     "w8-tensor": dict(bits=8, granularity="tensor", group_size=None),
     "w8a8": dict(bits=8, granularity="channel", act_bits=8, act_dynamic=True),
     "w4g64-bf16": dict(bits=4, group_size=64, scale_dtype="bfloat16"),
+    "w4g64-asym-fz": dict(bits=4, format="int", symmetric=False, group_size=64, float_zero=True),
     "nf4": dict(bits=4, format="nf4", granularity="group", group_size=64, double_quant=False,
                 scale_dtype="float32"),  # bitsandbytes keeps absmax in fp32
     "nf4-dq": dict(format="nf4", group_size=64, double_quant=True, scale_dtype="float32"),

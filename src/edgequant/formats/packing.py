@@ -33,13 +33,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per = 8 // bits
         pad = (-n) % per
         flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per)
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * bits
         return (flat << shifts).sum(dim=1).to(torch.uint8)
     # general b: expand to bits, regroup by 8
-    bit_idx = torch.arange(bits, dtype=torch.int32)
+    bit_idx = torch.arange(bits, dtype=torch.int32, device=flat.device)
     stream = ((flat[:, None] >> bit_idx) & 1).reshape(-1)
     stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8)).view(-1, 8)
-    return (stream << torch.arange(8, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+    return (stream << torch.arange(8, dtype=torch.int32, device=flat.device)).sum(dim=1) \
+        .to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -53,11 +54,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         return ((packed[:, None] >> shifts) & mask).reshape(-1)[:n]
-    stream = (packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (bytes, 8)
+    stream = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     stream = stream.reshape(-1)[: n * bits].view(n, bits).to(torch.int32)
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(dim=1) \
+        .to(torch.uint8)
 
 
 def _check_bits(bits: int) -> None:

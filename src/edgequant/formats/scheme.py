@@ -7,6 +7,7 @@ names follow one grammar::
 
     w4g128        4-bit symmetric integers, groups of 128 input columns, fp16 scales
     w3g128-asym   3-bit asymmetric integers (scale + integer zero-point per group)
+    w4g64-asym-fz 4-bit asymmetric with a float zero-point per group (HQQ's storage)
     w8            8-bit symmetric integers, one scale per output channel
     w8-tensor     8-bit, one scale for the whole tensor
     w8a8          int8 weights per channel + int8 activations per token (dynamic)
@@ -48,8 +49,8 @@ FP32_SCALE_FORMATS = ("nf4", "fp4")
 def default_scale_dtype(fmt: str) -> str:
     return "float32" if fmt in FP32_SCALE_FORMATS else "float16"
 
-EXAMPLES = ("w4g128", "w3g128-asym", "w8", "w8-tensor", "w8a8", "w4g64-bf16", "nf4", "nf4-dq",
-            "fp4", "fp4_e2m1g32", "fp8", "fp8_e5m2", "binary", "ternaryg64")
+EXAMPLES = ("w4g128", "w3g128-asym", "w4g64-asym-fz", "w8", "w8-tensor", "w8a8", "w4g64-bf16",
+            "nf4", "nf4-dq", "fp4", "fp4_e2m1g32", "fp8", "fp8_e5m2", "binary", "ternaryg64")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class QuantScheme:
             row may be shorter (ragged) when the row length is not a multiple.
         scale_dtype: how scales are stored (``float16`` | ``bfloat16`` | ``float32``).
         double_quant: quantize the block scales again (QLoRA): 8-bit, blocks of 256.
+        float_zero: asymmetric integers with the zero-point stored as a float in
+            ``scale_dtype`` (HQQ) instead of a b-bit integer.
         act_bits: activation bits for weight-and-activation schemes (``w8a8``), else None.
         act_dynamic: per-token ranges computed on the fly (True) or calibrated static ranges.
     """
@@ -77,6 +80,7 @@ class QuantScheme:
     group_size: int | None = 128
     scale_dtype: str = "float16"
     double_quant: bool = False
+    float_zero: bool = False
     act_bits: int | None = None
     act_dynamic: bool = True
 
@@ -106,6 +110,9 @@ class QuantScheme:
             raise SchemeError(f"asymmetric quantization is for integer formats, not {self.format}")
         if self.double_quant and self.format not in ("nf4", "fp4"):
             raise SchemeError("double quantization applies to the nf4 and fp4 block scales")
+        if self.float_zero and (self.format != "int" or self.symmetric):
+            raise SchemeError("a float zero-point (-fz) needs an asymmetric integer scheme, "
+                              "e.g. w4g64-asym-fz")
         if self.act_bits is not None and self.act_bits not in (8,):
             raise SchemeError(f"activation quantization supports 8 bits, not {self.act_bits}")
 
@@ -131,6 +138,8 @@ class QuantScheme:
             s += "-static"
         if not self.symmetric:
             s += "-asym"
+        if self.float_zero:
+            s += "-fz"
         if self.double_quant:
             s += "-dq"
         if self.granularity == "tensor":
@@ -169,7 +178,7 @@ class QuantScheme:
 _HEAD = re.compile(r"^(?:w(?P<bits>\d)"
                    r"|(?P<fmt>nf4|fp4_e2m1|fp4|fp8_e4m3|fp8_e5m2|fp8|binary|ternary))"
                    r"(?:g(?P<group>\d+))?(?:a(?P<act>\d+))?$")
-_FLAGS = {"asym", "dq", "tensor", "channel", "static", "bf16", "fp32", "fp16"}
+_FLAGS = {"asym", "fz", "dq", "tensor", "channel", "static", "bf16", "fp32", "fp16"}
 
 
 def _parse(text: str) -> QuantScheme:
@@ -200,5 +209,6 @@ def _parse(text: str) -> QuantScheme:
     return QuantScheme(
         bits=bits, format=fmt, symmetric="asym" not in flags, granularity=granularity,
         group_size=group, scale_dtype=scale_dtype, double_quant="dq" in flags,
+        float_zero="fz" in flags,
         act_bits=int(m["act"]) if m["act"] else None, act_dynamic="static" not in flags,
     )

@@ -17,15 +17,15 @@ The zero-point, and why we refit the scale by default. HQQ stores float (fp16) z
 Our ``int`` format stores asymmetric zero-points as b-bit integers, and the reference's
 zero-only optimization moves each zero by less than half a step: rounding it back lands on
 RTN's zero, so zero-only HQQ with integer storage *is* RTN (measured: identical errors at 2, 3,
-4 and 8 bits; with float zeros it is 2–6 % lower in mean |W − Ŵ|). So by default
+4 and 8 bits; with float zeros it is 2–6 % lower in mean |W − Ŵ|). Schemes with ``-fz``
+(``w4g64-asym-fz``) store the float zero-point as HQQ does. For integer zeros, by default
 (``optimize_scale=True``) each step solves the least-squares problem for scale and zero jointly,
 ``(s, z) = argmin ‖s·(W_q − z) − (W − W_e)‖²`` — the same half-quadratic step with one more
 free parameter — then :func:`hqq_quantize` rounds z to the better integer neighbour and refits
 the scale with that zero fixed. ``optimize_scale=False`` is the reference's algorithm exactly;
-:func:`hqq_params` returns its float zero-points, ready for a float-zero storage option in
-``formats/integer.py`` (which would cost 4 + 32/128 = 4.25 bits at 4-bit g128, against
-4 + (16 + 4)/128 = 4.156 with integer zeros). Symmetric schemes have a fixed zero-point, so
-their scale is the parameter refitted.
+:func:`hqq_params` returns its float zero-points, which ``-fz`` schemes store (4 + 32/128 =
+4.25 bits at 4-bit g128, against 4 + (16 + 4)/128 = 4.156 with integer zeros). Symmetric
+schemes have a fixed zero-point, so their scale is the parameter refitted.
 
 Other differences from the reference, each deliberate:
 
@@ -47,7 +47,7 @@ import torch
 from ..errors import SchemeError
 from ..formats import QuantizedTensor, QuantScheme, get_format
 from ..formats.base import TORCH_DTYPES, group, round_scale_up, ungroup
-from ..formats.integer import qparams_from_range
+from ..formats.integer import qparams_from_range, round_zero
 from ..formats.tensor import check_weight
 from .registry import Method, register_method
 
@@ -256,7 +256,9 @@ def hqq_quantize(W: torch.Tensor, scheme: QuantScheme | str,
     cfg = config or HQQConfig()
     scheme = QuantScheme.parse(scheme)
     xg, params, valid = hqq_params(W, scheme, cfg)
-    if not scheme.symmetric:
+    if scheme.float_zero:  # HQQ's own storage: the optimized zero-point, kept as a float
+        params["zeros"] = round_zero(params["zeros"], scheme)
+    elif not scheme.symmetric:
         params = round_zeros(xg, params, scheme.bits, valid, cfg.lp_norm)
         if cfg.optimize_scale:
             s, _ = hqq_optimize(xg, params["scales"], params["zeros"], scheme.bits, cfg, valid,
