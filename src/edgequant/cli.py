@@ -208,6 +208,132 @@ def zoo_pull(name: str = typer.Argument(..., help="Zoo model name.")) -> None:
     out.print(str(path))
 
 
+@app.command("export")
+def export_cmd(
+    source: str = typer.Argument(..., help="Zoo name, HF folder, .gguf file or native artifact."),
+    output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write."),
+    ftype: str = typer.Option("Q4_K_M", "--type", "-t", help="llama.cpp file type: F32, F16, "
+                              "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, "
+                              "Q5_K_S/M, Q6_K."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix file "
+                                        "(llama.cpp .gguf or .dat; see `edgequant imatrix`)."),
+    calib: str | None = typer.Option(None, "--calib", help="Compute an importance matrix from "
+                                     "this corpus (wiki, lambada, shakespeare) or text file."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
+    calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Export SOURCE as a GGUF file for llama.cpp (re-quantizes a quantized artifact)."""
+    from .data.calibration import calibration
+    from .gguf.export import export
+
+    def go() -> Path:
+        if not quiet:
+            console.print(f"loading {source} …")
+        spec = calibration(calib, calib_samples, calib_len, seed) if calib else None
+        return export(source, output, ftype, imatrix=imatrix, calib=spec, force=force,
+                      progress=_progress_fn(quiet))
+
+    path = _run(go)
+    if not quiet:
+        console.print(f"[green]wrote[/] {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    source: str = typer.Argument(..., help="Zoo name, HF folder, .gguf file or native artifact."),
+    output: Path = typer.Option(..., "-o", "--output", help="Importance matrix file: *.gguf "
+                                "(llama.cpp's format) or *.dat (its legacy format)."),
+    calib: str = typer.Option("wiki", "--calib", help="Calibration corpus or text file."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
+    calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Compute llama.cpp's importance matrix (per-column Σx²) of SOURCE on calibration text."""
+    from . import load
+    from .data.calibration import calibration
+    from .gguf.imatrix import collect
+    from .io_utils import check_output
+
+    def go() -> Path:
+        check_output(output, force)
+        if not quiet:
+            console.print(f"loading {source} …")
+        model = load(source)
+        spec = calibration(calib, calib_samples, calib_len, seed)
+        return collect(model, spec, progress=_progress_fn(quiet)).save(output)
+
+    path = _run(go)
+    if not quiet:
+        console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Zoo name, HF folder, artifact folder or .gguf file."),
+    ppl: bool = typer.Option(False, "--ppl", help="Perplexity (and KLD with --kld-base)."),
+    corpus: str = typer.Option("wiki", help="wiki | lambada | shakespeare | a text file."),
+    ctx: int = typer.Option(512, help="Window length in tokens (BOS included)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Corpus tokens to score."),
+    ppl_half: bool = typer.Option(False, "--ppl-half", help="Score only the second half of "
+                                  "each window (llama.cpp's convention)."),
+    kld_base: str | None = typer.Option(None, "--kld-base", help="Base model for KL "
+                                        "divergence (same tokenizer)."),
+    kld_topk: int = typer.Option(256, "--kld-topk", help="Base tokens cached per position."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated: hellaswag, "
+                                     "arc_easy, arc_challenge, piqa, winogrande."),
+    limit: int | None = typer.Option(None, "--limit", help="Items per task (seeded subset)."),
+    speed: bool = typer.Option(False, "--speed", help="Prefill/decode tokens per second."),
+    memory: bool = typer.Option(False, "--memory", help="Peak RSS of a fresh process."),
+    size: bool = typer.Option(False, "--size", help="Bytes, bits per weight, parameters."),
+    generate: bool = typer.Option(False, "--generate", help="Greedy answers to fixed prompts."),
+    generate_out: Path | None = typer.Option(None, "--generate-out", help="JSON file for "
+                                             "the generations."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads."),
+    backend: str | None = typer.Option(None, "--backend", help="torch | llama.cpp (default: "
+                                       "llama.cpp for .gguf files, torch otherwise)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure MODEL: perplexity, KLD, tasks, speed, memory, size. Without metric flags:
+    ppl, speed, memory, size (+ kld with --kld-base, + tasks with --tasks)."""
+    from . import evaluate
+
+    flags = [m for m, on in (("ppl", ppl), ("speed", speed), ("memory", memory),
+                             ("size", size), ("generate", generate or bool(generate_out)))
+             if on]
+    metrics = None if not flags else flags + (["kld"] if kld_base else []) + \
+        (["tasks"] if tasks else [])
+    options = dict(corpus=corpus, ctx=ctx, max_tokens=max_tokens, ppl_half=ppl_half,
+                   kld_base=kld_base, kld_topk=kld_topk, limit=limit, threads=threads,
+                   tasks=tasks or (), backend=backend,
+                   generate_out=str(generate_out) if generate_out else None)
+    res = _run(lambda: evaluate(model, metrics, progress=_progress_fn(quiet or as_json),
+                                **options)).to_dict()
+    if as_json:
+        typer.echo(json.dumps(res, default=str))
+        return
+    table = Table(title=f"{model} ({res['backend']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("ppl", "tokens_scored", "ppl_base", "kld_mean", "kld_median", "kld_p99", "top1",
+                "prefill_tps", "decode_tps", "threads", "peak_rss_mb", "size_bytes",
+                "bits_per_weight", "bits_per_weight_total", "num_params"):
+        if res.get(key) is not None:
+            v = res[key]
+            table.add_row(key, f"{v:,.4f}" if isinstance(v, float) else f"{v:,}")
+    for name, t in res["tasks"].items():
+        norm = "-" if t["acc_norm"] is None else f"{t['acc_norm']:.4f}"
+        table.add_row(f"{name} acc / acc_norm (n={t['n']})", f"{t['acc']:.4f} / {norm}")
+    out.print(table)
+    for note in res["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,319 @@
+"""Importance matrices: per-column activation energy of every linear, llama.cpp's way.
+
+For a linear ``y = W x`` llama.cpp's ``llama-imatrix`` accumulates, over calibration tokens,
+``Σ x_j²`` for every input column ``j`` and the token count; ``llama-quantize --imatrix`` then
+weights each column's rounding error by ``Σ x_j² / count`` in the K-quant (and legacy) scale
+searches. :func:`collect` computes the same sums with forward hooks on our transformers model
+(the block linears, under their GGUF names: q, k and v see the same input and each get the
+same entry, as in llama.cpp); :class:`ImportanceMatrix` saves and loads both of llama.cpp's
+file formats, so ``llama-quantize`` reads our files and we read its files:
+
+================ ===========================================================================
+``*.gguf``       llama.cpp's current format: tensors ``<name>.in_sum2`` (F32, Σx²) and
+                 ``<name>.counts`` (F32, tokens), keys ``general.type = "imatrix"``,
+                 ``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``
+``*.dat``        the legacy format: ``i32 n``; per entry ``i32 len, name, i32 ncall,
+(any other       i32 nval, f32 values[nval]`` with ``values = Σx²/count · ncall``; then
+suffix)          ``i32 chunk_count, i32 len, dataset``
+================ ===========================================================================
+
+Like ``llama-imatrix`` (without ``--process-output``), only tensors inside blocks get entries.
+
+Example:
+    >>> im = collect(model, eq.data.calibration("wiki", n=64, seq_len=512))
+    >>> im.save("smollm2.imatrix.gguf")
+    >>> weights = ImportanceMatrix.load("smollm2.imatrix.gguf").weights("blk.0.attn_q.weight")
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import GGUFError
+from ..io_utils import atomic_file
+from ..models.architectures import block_list, spec_for
+
+__all__ = ["ImportanceMatrix", "collect", "llama_cpp_imatrix"]
+
+Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
+_GGUF_MAGIC = b"GGUF"
+
+
+def _no_progress(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
+    return items
+
+
+@dataclass
+class ImportanceMatrix:
+    """Σx² per input column and token counts, keyed by GGUF tensor name.
+
+    Attributes:
+        sums: ``name -> float32 (n_cols,)``, the sum of squared inputs over all tokens.
+        counts: ``name -> tokens`` seen by that tensor.
+        datasets: what the data was (kept in the file).
+        chunk_count / chunk_size: llama.cpp's bookkeeping: windows and tokens per window.
+    """
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def __post_init__(self) -> None:
+        missing = set(self.sums) ^ set(self.counts)
+        if missing:
+            raise GGUFError(f"imatrix entries without both sums and counts: {sorted(missing)[:4]}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+    def __len__(self) -> int:
+        return len(self.sums)
+
+    def weights(self, name: str) -> np.ndarray | None:
+        """The column weights llama.cpp's quantizer uses for ``name``: Σx² / count (None
+        when there is no entry; ones when the entry saw no token, as llama.cpp does)."""
+        if name not in self.sums:
+            return None
+        s = np.asarray(self.sums[name], dtype=np.float32)
+        n = self.counts[name]
+        return s / np.float32(n) if n > 0 else np.ones_like(s)
+
+    # --- files --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> Path:
+        """Write llama.cpp's GGUF format (``.gguf`` suffix or ``fmt="gguf"``) or the legacy
+        ``.dat`` format (any other suffix, or ``fmt="dat"``); atomically."""
+        path = Path(path)
+        fmt = fmt or ("gguf" if path.suffix.lower() == ".gguf" else "dat")
+        if fmt not in ("gguf", "dat"):
+            raise GGUFError(f"imatrix format {fmt!r}: choose 'gguf' or 'dat'")
+        if not self.sums:
+            raise GGUFError("the importance matrix is empty; nothing to save")
+        with atomic_file(path) as tmp:
+            (self._save_gguf if fmt == "gguf" else self._save_dat)(tmp)
+        return path
+
+    def _save_gguf(self, path: Path) -> None:
+        from gguf import GGUFWriter
+
+        w = GGUFWriter(path, arch="imatrix")
+        w.kv_data[0].clear()  # no general.architecture: llama.cpp's own files have none
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", self.datasets or ["unknown"])
+        w.add_uint32("imatrix.chunk_count", self.chunk_count)
+        w.add_uint32("imatrix.chunk_size", self.chunk_size)
+        for name in sorted(self.sums):
+            w.add_tensor(f"{name}.in_sum2", np.asarray(self.sums[name], np.float32).reshape(1, -1))
+            w.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], np.float32))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+
+    def _save_dat(self, path: Path) -> None:
+        chunk = max(1, self.chunk_size)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<i", len(self.sums)))
+            for name in sorted(self.sums):
+                raw = name.encode()
+                ncall = max(1, -(-self.counts[name] // chunk))
+                mean = self.weights(name)
+                assert mean is not None
+                vals = mean * np.float32(ncall)
+                f.write(struct.pack("<i", len(raw)) + raw)
+                f.write(struct.pack("<ii", ncall, vals.size))
+                f.write(np.asarray(vals, "<f4").tobytes())
+            dataset = (self.datasets[-1] if self.datasets else "").encode()
+            f.write(struct.pack("<ii", self.chunk_count, len(dataset)) + dataset)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ImportanceMatrix:
+        """Read either llama.cpp format (told apart by the GGUF magic)."""
+        path = Path(path)
+        if not path.is_file():
+            raise GGUFError(f"imatrix file {path} does not exist")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        try:
+            return cls._load_gguf(path) if magic == _GGUF_MAGIC else cls._load_dat(path)
+        except GGUFError:
+            raise
+        except (ValueError, struct.error, KeyError, IndexError, UnicodeDecodeError) as e:
+            raise GGUFError(f"{path} is not a readable imatrix file ({e}); make it again with "
+                            "`edgequant imatrix` or llama-imatrix") from None
+
+    @classmethod
+    def _load_gguf(cls, path: Path) -> ImportanceMatrix:
+        from .reader import inspect_gguf
+
+        info = inspect_gguf(path)
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        sums, counts = {}, {}
+        for t in reader.tensors:
+            if t.name.endswith(".in_sum2"):
+                sums[t.name[: -len(".in_sum2")]] = np.array(t.data, np.float32).reshape(-1)
+            elif t.name.endswith(".counts"):
+                counts[t.name[: -len(".counts")]] = int(round(float(np.sum(t.data))))
+        if not sums:
+            raise GGUFError(f"{path} is a GGUF file without imatrix entries (*.in_sum2)")
+        datasets = info.kv.get("imatrix.datasets", [])
+        return cls(sums, counts, list(datasets), int(info.kv.get("imatrix.chunk_count", 0)),
+                   int(info.kv.get("imatrix.chunk_size", 0)))
+
+    @classmethod
+    def _load_dat(cls, path: Path) -> ImportanceMatrix:
+        data = path.read_bytes()
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            out = struct.unpack_from(fmt, data, pos)
+            pos += struct.calcsize(fmt)
+            return out
+
+        (n,) = take("<i")
+        if not 0 < n < 1 << 20:
+            raise GGUFError(f"{path} is neither a GGUF nor a legacy .dat imatrix (entry count {n})")
+        sums, counts = {}, {}
+        for _ in range(n):
+            (length,) = take("<i")
+            name = data[pos: pos + length].decode()
+            pos += length
+            ncall, nval = take("<ii")
+            if nval < 1 or pos + 4 * nval > len(data):
+                raise GGUFError(f"{path} is truncated in entry {name!r}")
+            vals = np.frombuffer(data, "<f4", nval, pos).astype(np.float32)
+            pos += 4 * nval
+            # legacy values are Σx²/count·ncall: keep mean·ncall as sums, ncall as count
+            sums[name], counts[name] = (vals, ncall) if ncall > 0 else (vals, 1)
+        chunk_count, datasets = 0, []
+        if pos + 8 <= len(data):
+            chunk_count, length = take("<ii")
+            if length > 0:
+                datasets.append(data[pos: pos + length].decode(errors="replace"))
+        return cls(sums, counts, datasets, chunk_count, 0)
+
+
+# --- collection -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
+            batch_size: int = 4) -> ImportanceMatrix:
+    """Run calibration windows through ``model`` and accumulate Σx² for each block linear.
+
+    Args:
+        model: an edgequant ``Model`` (its tokenizer resolves a calibration spec) or a
+            transformers causal LM with token windows.
+        calib: a ``CalibrationSpec`` (``eq.data.calibration(...)``), a ``Calibration``, a
+            ``(N, T)`` token tensor, or a corpus name; default: ``wiki``, 64 × 512 tokens.
+        progress: ``progress(items, total, what)`` wrapper for a progress bar.
+        batch_size: windows per forward pass.
+
+    Returns:
+        An :class:`ImportanceMatrix` keyed by GGUF tensor names (``blk.N.attn_q.weight``).
+    """
+    from ..data.calibration import Calibration, CalibrationSpec, calibration
+
+    module = getattr(model, "module", model)
+    if calib is None or isinstance(calib, str):
+        calib = calibration(calib or "wiki", n=64, seq_len=512)
+    if isinstance(calib, CalibrationSpec):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise GGUFError("a calibration spec needs the model's tokenizer: pass a Model")
+        calib = calib.build(tokenizer)
+    desc: dict[str, Any] = {}
+    if isinstance(calib, Calibration):
+        tokens, desc = calib.tokens, calib.description
+    else:
+        tokens = torch.as_tensor(calib)
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise GGUFError(f"calibration tokens must be (windows, tokens), got {tuple(tokens.shape)}")
+    names = _gguf_linears(module)
+    sums = {n: torch.zeros(int(m.in_features), dtype=torch.float64)  # type: ignore[arg-type]
+            for n, (m, _) in names.items()}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] += (x * x).sum(0)
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, (m, _) in names.items()]
+    body = _body(module)
+    try:
+        batches = list(tokens.split(batch_size))
+        for batch in progress(batches, len(batches), "collecting imatrix"):
+            body(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    dataset = str(desc.get("corpus", "tokens")) if desc else "tokens"
+    out_sums = {}
+    for n, s in sums.items():
+        if not torch.isfinite(s).all():
+            raise GGUFError(f"non-finite activations reached {n}; the model overflows on the "
+                            "calibration data")
+        out_sums[n] = s.to(torch.float32).numpy()
+    return ImportanceMatrix(out_sums, counts, [dataset], int(tokens.shape[0]),
+                            int(tokens.shape[1]))
+
+
+def _gguf_linears(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """GGUF weight name -> (linear module, HF path) for every linear inside the blocks."""
+    spec = spec_for(module)
+    out = {}
+    for i, block in enumerate(block_list(module, spec)):
+        for role in spec.linears:
+            out[spec.gguf_name(role.role, i)] = (block.get_submodule(role.path),
+                                                 f"{spec.blocks}.{i}.{role.path}")
+    return out
+
+
+def _body(module: nn.Module) -> Callable[..., Any]:
+    """The model without its LM head when it has one (no head: no entry is needed from it)."""
+    base = getattr(module, getattr(module, "base_model_prefix", ""), None)
+    return base if isinstance(base, nn.Module) else module
+
+
+# --- llama.cpp ------------------------------------------------------------------------------
+
+
+def llama_cpp_imatrix(imatrix: ImportanceMatrix) -> tuple[Any, list[Any]]:
+    """``imatrix`` as the ``llama_model_imatrix_data`` array ``llama_model_quantize`` takes.
+
+    Returns ``(array, keepalive)``: keep ``keepalive`` referenced while llama.cpp runs.
+    """
+    import llama_cpp
+
+    entries = sorted(imatrix.sums)
+    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    keep: list[Any] = [arr]
+    for i, name in enumerate(entries):
+        w = np.ascontiguousarray(imatrix.weights(name), dtype=np.float32)
+        raw = name.encode()
+        keep += [w, raw]
+        arr[i].name = raw
+        arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = w.size
+    arr[len(entries)].name = None
+    return arr, keep

@@ -1,0 +1,262 @@
+"""GGUF export: file types and mixtures, byte-identity with llama.cpp's own quantizer, quantized
+artifacts, atomic writes, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+import edgequant as eq
+from edgequant.errors import (
+    EdgequantError,
+    GGUFError,
+    OutputExistsError,
+    UnsupportedArchitectureError,
+)
+from edgequant.gguf.export import ExportPlan, export, llama_cpp_quantize, plan_export
+from edgequant.gguf.mixtures import FILE_TYPES
+from edgequant.gguf.reader import inspect_gguf
+
+from .tiny import text_ids, tiny
+
+QT = GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+def _export(model, path: Path, ftype: str, **kw) -> Path:
+    pre = None if model.module.config.model_type.startswith("gemma") else "gpt-2"
+    return export(model, path, ftype, tokenizer_pre=pre, **kw)
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[QT, bytes]]:
+    info = inspect_gguf(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in info.tensors:
+            f.seek(info.data_offset + t.offset)
+            out[t.name] = (t.type, f.read(t.nbytes))
+    return out
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- file types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ftype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q2_K"])
+def test_file_type_and_per_tensor_types(llama, ftype: str, tmp_path) -> None:
+    path = _export(llama, tmp_path / "m.gguf", ftype)
+    info = inspect_gguf(path)
+    plan = plan_export(llama, ftype, tokenizer_pre="gpt-2")
+    assert info.kv["general.file_type"] == FILE_TYPES[ftype]
+    assert info.kv["general.quantization_version"] == 2
+    assert {t.name: t.type for t in info.tensors} == plan.types
+    assert info.tensor("blk.0.attn_norm.weight").type == QT.F32  # norms stay float32
+    assert info.file_size > 0 and _leftovers(tmp_path) == ["m.gguf"]
+
+
+def test_rows_that_256_does_not_divide_fall_back_like_llama_cpp() -> None:
+    model = tiny("llama", hidden=192)  # like SmolLM2's 576: K-quants do not fit the rows
+    types = plan_export(model, "Q4_K_M", tokenizer_pre="gpt-2").types
+    assert types["blk.0.attn_q.weight"] == QT.Q5_0  # q4_K -> q5_0
+    assert types["blk.0.ffn_down.weight"] == QT.Q5_0  # 384 columns: q4_K -> q5_0
+    assert types["blk.1.ffn_down.weight"] == QT.Q8_0  # last layer gets q6_K -> q8_0
+    assert types["output.weight"] == QT.Q8_0  # q6_K -> q8_0 for the output
+
+
+def test_file_type_names_are_case_insensitive_and_checked(llama, tmp_path) -> None:
+    assert plan_export(llama, "q4_k_m", tokenizer_pre="gpt-2").ftype == "Q4_K_M"
+    with pytest.raises(GGUFError, match="unknown GGUF file type 'Q7_K'"):
+        _export(llama, tmp_path / "m.gguf", "Q7_K")
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("ftype", ["F16", "Q8_0", "Q6_K", "Q5_K_S", "Q4_K_M", "Q4_0", "Q3_K_M",
+                                   "Q2_K"])
+def test_bytes_equal_llama_cpps_own_quantizer(arch: str, ftype: str, tmp_path) -> None:
+    """Our file type X == llama_model_quantize(our F32 file, X), tensor for tensor."""
+    model = tiny(arch)
+    f32 = _export(model, tmp_path / "f32.gguf", "F32")
+    ours = _export(model, tmp_path / "ours.gguf", ftype)
+    ref = llama_cpp_quantize(f32, tmp_path / "ref.gguf", ftype, threads=1)
+    a, b = _tensor_bytes(ours), _tensor_bytes(ref)
+    assert a.keys() == b.keys()
+    bad = [n for n in a if a[n] != b[n]]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+# --- quantized artifacts ---------------------------------------------------------------------
+
+
+@pytest.mark.llama
+def test_quantized_model_is_dequantized_and_reencoded(llama, tmp_path) -> None:
+    q = eq.quantize(llama, "rtn", scheme="w4g64")
+    path = _export(q, tmp_path / "q.gguf", "Q8_0")
+    ids = text_ids(q, 32)
+    with torch.no_grad():
+        ref = q.module(torch.tensor([ids])).logits[0]
+    with eq.open(str(path)) as r:
+        got = r.logits(ids)
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+# --- atomic writes and bad input --------------------------------------------------------------
+
+
+def test_existing_output_needs_force(llama, tmp_path) -> None:
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(OutputExistsError):
+        _export(llama, out, "Q8_0")
+    assert out.read_bytes() == b"old"
+    _export(llama, out, "Q8_0", force=True)
+    assert inspect_gguf(out).kv["general.file_type"] == FILE_TYPES["Q8_0"]
+
+
+def test_failure_mid_write_leaves_nothing_behind(llama, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    real = ExportPlan.encode
+
+    def encode(self: ExportPlan, i: int) -> np.ndarray:
+        if i == 5:
+            raise GGUFError("disk on fire")
+        return real(self, i)
+
+    monkeypatch.setattr(ExportPlan, "encode", encode)
+    with pytest.raises(GGUFError, match="disk on fire"):
+        _export(llama, out, "Q4_K_M", force=True)
+    assert out.read_bytes() == b"old"  # the old file is untouched
+    assert _leftovers(tmp_path) == ["m.gguf"]  # and no temporary file is left
+
+
+def test_unsupported_architecture_is_refused_before_writing(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .tiny import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok)))
+    model = eq.Model(gpt2.eval(), tok, {"name": "tiny-gpt2"})
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        export(model, tmp_path / "g.gguf", "F16")
+    assert _leftovers(tmp_path) == []
+
+
+# --- damaged GGUF files ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file(llama, tmp_path_factory) -> Path:
+    return _export(llama, tmp_path_factory.mktemp("good") / "good.gguf", "Q8_0")
+
+
+def _type_field_offset(path: Path) -> int:
+    """Byte offset of the GGML type of the first tensor-table entry."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).tensors[0].field
+    return int(field.offset) + sum(int(p.nbytes) for p in field.parts[:-2])
+
+
+def test_truncated_file(good_file, tmp_path) -> None:
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good_file.read_bytes()[: good_file.stat().st_size - 1000])
+    with pytest.raises(GGUFError, match="truncated"):
+        inspect_gguf(bad)
+    bad.write_bytes(good_file.read_bytes()[:5000])  # inside the metadata
+    with pytest.raises(GGUFError, match="truncated or corrupt"):
+        inspect_gguf(bad)
+
+
+def test_not_a_gguf_file(tmp_path) -> None:
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        inspect_gguf(bad)
+
+
+def test_unknown_tensor_type(good_file, tmp_path) -> None:
+    data = bytearray(good_file.read_bytes())
+    at = _type_field_offset(good_file)
+    assert struct.unpack_from("<I", data, at)[0] == int(QT.Q8_0) or \
+        struct.unpack_from("<I", data, at)[0] == int(QT.F32)
+    struct.pack_into("<I", data, at, 77)
+    bad = tmp_path / "t.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="unknown tensor type 77"):
+        inspect_gguf(bad)
+
+
+def test_exporting_from_a_damaged_gguf_writes_nothing(good_file, tmp_path) -> None:
+    src = tmp_path / "src" / "cut.gguf"
+    src.parent.mkdir()
+    src.write_bytes(good_file.read_bytes()[: good_file.stat().st_size // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EdgequantError):
+        eq.export(str(src), out / "m.gguf", "Q4_K_M")
+    assert _leftovers(out) == []
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_export(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from edgequant.cli import app
+
+    gemma, llama_ = tiny("gemma3", hidden=64), tiny("llama", hidden=64)
+    for name, m in (("gemma", gemma), ("llama", llama_)):
+        m.module.save_pretrained(tmp_path / name)
+        m.tokenizer.save_pretrained(tmp_path / name)
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(tmp_path / "gemma"), "-o", str(tmp_path / "g.gguf"),
+                              "--type", "Q8_0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert inspect_gguf(tmp_path / "g.gguf").arch == "gemma3"
+    # an unknown BPE pre-tokenizer: a one-line error, status 2, no file
+    res = runner.invoke(app, ["export", str(tmp_path / "llama"), "-o", str(tmp_path / "l.gguf"),
+                              "--quiet"])
+    assert res.exit_code == 2 and "pre-tokenizer" in res.output
+    assert not (tmp_path / "l.gguf").exists()
+    res = runner.invoke(app, ["export", str(tmp_path / "gemma"), "-o", str(tmp_path / "x.gguf"),
+                              "--type", "Q9", "--quiet"])
+    assert res.exit_code == 2 and "unknown GGUF file type" in res.output
+
+
+# --- the real model --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_smollm2_q4_k_m(smollm2_dir, tmp_path) -> None:
+    """Our Q4_K_M == llama.cpp's Q4_K_M of our F32 file (bytes, and so perplexity); it runs."""
+    model = eq.load(smollm2_dir)
+    f32 = eq.export(model, tmp_path / "f32.gguf", "F32")
+    ours = eq.export(model, tmp_path / "q4km.gguf", "Q4_K_M")
+    ref = llama_cpp_quantize(f32, tmp_path / "ref.gguf", "Q4_K_M")
+    a, b = _tensor_bytes(ours), _tensor_bytes(ref)
+    assert [n for n in a if a[n] != b[n]] == []
+    opts = dict(corpus="wiki", ctx=512, max_tokens=4096)
+    ppl_ours = eq.evaluate(str(ours), ["ppl"], **opts).ppl
+    ppl_ref = eq.evaluate(str(ref), ["ppl"], **opts).ppl
+    assert abs(ppl_ours / ppl_ref - 1) < 0.01
+    with eq.open(str(ours)) as r:
+        prompt = r.tokenize(r.chat_prompt("What is the capital of France?"), special=True)
+        out = r.generate(prompt, 16)
+        assert len(out) > 0 and r.detokenize(out).strip()
