@@ -17,8 +17,8 @@ from .models.model import Model
 from .nn.recipe import Recipe
 
 __version__ = "0.1.0"
-__all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "load",
-           "quantize", "__version__"]
+__all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "export",
+           "load", "quantize", "__version__"]
 
 
 def load(source: str | Path) -> Model:
@@ -46,3 +46,12 @@ def quantize(model: Model | str | Path, method: str = "rtn", scheme: str | Quant
                     overrides=tuple(overrides), keep_dtype=keep_dtype,
                     method_options=method_options)
     return quantize_model(model, recipe, calib=calib, inplace=inplace)
+
+
+def export(model: Model | str | Path, path: str | Path, ftype: str = "Q4_K_M", **options: Any
+           ) -> Path:
+    """Write ``model`` as a GGUF file for llama.cpp (``imatrix=``, ``calib=``, ``force=``).
+    See :func:`edgequant.gguf.export.export`."""
+    from .gguf.export import export as _export
+
+    return _export(model, path, ftype, **options)
