@@ -17,8 +17,8 @@ from .models.model import Model
 from .nn.recipe import Recipe
 
 __version__ = "0.1.0"
-__all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "export",
-           "load", "quantize", "__version__"]
+__all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
+           "evaluate", "export", "load", "open", "quantize", "__version__"]
 
 
 def load(source: str | Path) -> Model:
@@ -55,3 +55,31 @@ def export(model: Model | str | Path, path: str | Path, ftype: str = "Q4_K_M", *
     from .gguf.export import export as _export
 
     return _export(model, path, ftype, **options)
+
+
+def open(source: Any, backend: str | None = None, **options: Any) -> Any:  # noqa: A001
+    """A ``Runnable`` of ``source``: a ``.gguf`` file (llama.cpp), a ``Model``, or anything
+    ``load`` takes (torch). See :func:`edgequant.backends.base.open_runnable`."""
+    from .backends.base import open_runnable
+
+    return open_runnable(source, backend=backend, **options)
+
+
+def evaluate(target: Any, metrics: Any = None, config: Any = None, **options: Any) -> Any:
+    """Measure ``target`` on the honest yardstick; returns an ``EvalResult``.
+    See :func:`edgequant.eval.evaluate.evaluate`."""
+    from .eval.evaluate import evaluate as _evaluate
+
+    return _evaluate(target, metrics, config, **options)
+
+
+def compare(*sources: str, preset: str = "quick", methods: Any = None,
+            out_dir: str | Path = "out/compare", **options: Any) -> Any:
+    """Quantize ``sources`` (default ``smollm2-135m``) by every method of a preset (``quick``,
+    ``paper``, ``full``) or ``methods``, measure each result the same way, store everything in
+    ``out_dir/results.db`` (finished cells are skipped: a stopped run resumes) and write
+    ``report.md``/``report.html``. Returns a ``CompareResult``.
+    See :func:`edgequant.compare.compare`."""
+    from .compare import compare as _compare
+
+    return _compare(*sources, preset=preset, methods=methods, out_dir=out_dir, **options)

@@ -1,0 +1,216 @@
+"""``Runnable``: anything evaluation can run, and :func:`open_runnable`, which makes one.
+
+Every number edgequant reports comes from the same evaluation code calling this small
+interface, whatever produced the model: a torch ``Model`` (original, zoo, HF folder, native
+artifact) or a ``.gguf`` file run by llama.cpp.
+
+This module imports no torch at load time, so a measuring subprocess for a GGUF file carries
+only llama.cpp and numpy (see :mod:`edgequant.eval.memory`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@runtime_checkable
+class Runnable(Protocol):
+    """What evaluation needs of a model.
+
+    Attributes:
+        backend: ``"torch"`` | ``"llama.cpp"`` | … (recorded in results).
+        name: a short display name.
+        bos_id: the token every perplexity window starts with (BOS, or EOS when the
+            tokenizer has no BOS).
+        eos_id: end of sequence (generation stops there), or None.
+        add_bos: whether the tokenizer adds BOS by default (lm-eval prepends it to task
+            requests exactly then).
+        vocab_size: width of a logits row.
+        max_context: the longest sequence ``logits`` accepts.
+        threads: CPU threads the backend computes with.
+    """
+
+    backend: str
+    name: str
+    bos_id: int
+    eos_id: int | None
+    add_bos: bool
+    vocab_size: int
+    max_context: int
+    threads: int
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of ``text``, no BOS added; ``special`` parses ``<|im_start|>``-style
+        special tokens (chat prompts), otherwise they are plain text."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits ``(T, V)`` float32 on CPU for one sequence (one window)."""
+        ...
+
+    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """``logits`` for several sequences; row ``i`` has ``len(seqs[i])`` rows exactly."""
+        ...
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy generation with a KV cache; returns the new tokens only."""
+        ...
+
+    def time_generation(self, prompt_ids: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        """One timed run: seconds for the prefill of ``prompt_ids`` (giving the first new
+        token), and seconds for ``new_tokens`` single-token greedy decode steps after it."""
+        ...
+
+    def tokenizer_fingerprint(self) -> str: ...
+
+    def chat_prompt(self, user_text: str) -> str | None:
+        """``user_text`` in the model's chat template (with the assistant turn opened), or
+        None when the model has no template."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What the weights are: ``name``, ``path``, ``sha256``, ``kind``, recipe …"""
+        ...
+
+    def size_info(self) -> dict[str, Any]:
+        """``size_bytes``, ``bits_per_weight``, ``bits_per_weight_total``, ``num_params``."""
+        ...
+
+    def reopen_spec(self, scratch: Path) -> str | None:
+        """A source that :func:`open_runnable` in a fresh process turns into the same model
+        (writing a temporary artifact under ``scratch`` if needed), or None."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Runnable: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class RunnableBase:
+    """Shared behaviour: context manager, unbatched ``logits_batch``, greedy ``generate`` and
+    ``time_generation`` on top of a backend's ``_prefill``/``_step`` pair."""
+
+    backend = "base"
+
+    def __enter__(self) -> RunnableBase:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        return [self.logits(s) for s in seqs]
+
+    # A backend provides: _prefill(ids) -> next token (greedy, KV cache filled);
+    # _step(token) -> next token (one decode step on the cache).
+    def _prefill(self, ids: Sequence[int]) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def _step(self, token: int) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                 stop_at_eos: bool = True) -> list[int]:
+        self._check_length(len(prompt_ids) + max_new_tokens)
+        eos = getattr(self, "eos_id", None)
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        tok = self._prefill(prompt_ids)
+        while True:
+            out.append(tok)
+            if len(out) >= max_new_tokens or (stop_at_eos and tok == eos):
+                return out
+            tok = self._step(tok)
+
+    def time_generation(self, prompt_ids: Sequence[int], new_tokens: int) -> tuple[float, float]:
+        import time
+
+        self._check_length(len(prompt_ids) + new_tokens + 1)
+        t0 = time.perf_counter()
+        tok = self._prefill(prompt_ids)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = self._step(tok)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    def _check_length(self, n: int) -> None:
+        limit = getattr(self, "max_context", None)
+        if limit is not None and n > limit:
+            from ..errors import EvaluationError
+
+            raise EvaluationError(f"{n} tokens do not fit the model's context of {limit}; "
+                                  "use a shorter window or prompt")
+
+
+# --- opening --------------------------------------------------------------------------------
+
+Opener = Callable[..., Runnable]
+_BACKENDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
+
+
+def register_backend(name: str, accepts: Callable[[Any], bool], opener: str) -> None:
+    """Register a backend: ``accepts(source)`` says whether it opens ``source`` by default;
+    ``opener`` is ``"module:function"``, imported only when used."""
+    _BACKENDS[name] = (accepts, opener)
+
+
+def _is_gguf_file(source: Any) -> bool:
+    return (isinstance(source, str | os.PathLike) and str(source).lower().endswith(".gguf")
+            and Path(source).is_file())
+
+
+register_backend("llama.cpp", _is_gguf_file, "edgequant.backends.llamacpp:open_gguf")
+register_backend("torch", lambda s: True, "edgequant.backends.torch_native:open_torch")
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def open_runnable(source: Any, backend: str | None = None, **options: Any) -> Runnable:
+    """Make a :class:`Runnable` of ``source``.
+
+    Args:
+        source: a ``Runnable`` (returned as is), an ``edgequant.Model``, a ``.gguf`` file
+            (llama.cpp by default), or anything ``eq.load`` takes: a zoo name, an HF folder,
+            a native artifact folder, a hub id (torch).
+        backend: force a backend (``"torch"`` runs a ``.gguf`` dequantized in transformers).
+        options: backend options, e.g. ``threads``, ``device`` (torch), ``n_ctx`` (llama.cpp).
+
+    Example:
+        >>> with eq.open("smollm2-135m") as r:
+        ...     r.logits(r.tokenize("Hello"))
+    """
+    if isinstance(source, Runnable):
+        return source
+    if backend is None:
+        backend = next(n for n, (accepts, _) in _BACKENDS.items() if accepts(source))
+    if backend not in _BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; known: {', '.join(_BACKENDS)}")
+    module_name, func = _BACKENDS[backend][1].split(":")
+    opener: Opener = getattr(importlib.import_module(module_name), func)
+    return opener(source, **options)

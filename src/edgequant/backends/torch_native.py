@@ -1,0 +1,231 @@
+"""The torch backend: a :class:`~edgequant.models.model.Model` as a Runnable.
+
+Runs anything ``eq.load`` returns — an original model (zoo name, HF folder, hub id, a GGUF
+dequantized by transformers) or a native artifact with ``QuantLinear`` layers — through
+its transformers module. Greedy decoding uses the module's KV cache (``past_key_values``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.tokens import HFTextTokenizer
+from ..errors import ModelLoadError
+from ..models.model import Model
+from .base import RunnableBase
+
+
+class TorchRunnable(RunnableBase):
+    """A ``Model`` behind the Runnable interface.
+
+    Args:
+        model: the model; it is used where it is (a given model is never moved).
+        reopen: a source that loads the same weights in a fresh process (set when the
+            model was opened from one); otherwise :meth:`reopen_spec` writes them out.
+        batch_tokens: most tokens (rows × longest) one ``logits_batch`` forward holds.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: Model, reopen: str | None = None, batch_tokens: int = 4096) -> None:
+        self.model = model
+        self.module: Any = model.module
+        self.tokenizer = model.tokenizer
+        self._tok = HFTextTokenizer(model.tokenizer)
+        if self._tok.bos_id is None:
+            raise ModelLoadError(f"the tokenizer of {model.name} has neither a BOS nor an EOS "
+                                 "token; edgequant starts every window with one")
+        self.bos_id: int = self._tok.bos_id
+        self.eos_id: int | None = model.tokenizer.eos_token_id
+        first = model.tokenizer("a")["input_ids"][:1]
+        self.add_bos = model.tokenizer.bos_token_id is not None and \
+            first == [model.tokenizer.bos_token_id]
+        config: Any = model.module.config
+        text_config: Any = config.get_text_config() if hasattr(config, "get_text_config") \
+            else config
+        self.vocab_size: int = int(text_config.vocab_size)
+        self.max_context: int = int(getattr(text_config, "max_position_embeddings", 1 << 20))
+        self.name = model.name
+        self._reopen = reopen
+        self._batch_tokens = batch_tokens
+        self._past: Any = None
+
+    @property
+    def threads(self) -> int:  # type: ignore[override]
+        return torch.get_num_threads()
+
+    @property
+    def device(self) -> torch.device:
+        for t in [*self.module.parameters(), *self.module.buffers()][:1]:
+            return t.device  # type: ignore[no-any-return]
+        return torch.device("cpu")
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self._tok.tokenize(text, special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def tokenizer_fingerprint(self) -> str:
+        return self._tok.tokenizer_fingerprint()
+
+    def chat_prompt(self, user_text: str) -> str | None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return str(self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True))
+
+    # --- compute --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        self._check_length(len(token_ids))
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        return self.module(input_ids=ids, use_cache=False).logits[0].float().cpu()
+
+    @torch.inference_mode()
+    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Right-padded batches. A causal model's position ``t`` sees only positions ≤ t, so
+        the pad positions after a shorter sequence never influence its rows, and only its
+        own ``len(seq)`` rows are returned: padding never counts."""
+        out: list[torch.Tensor] = []
+        for group in _groups(seqs, self._batch_tokens):
+            longest = max(len(s) for s in group)
+            self._check_length(longest)
+            batch = torch.zeros((len(group), longest), dtype=torch.long)
+            for i, s in enumerate(group):
+                batch[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+            logits = self.module(input_ids=batch.to(self.device), use_cache=False).logits
+            out.extend(logits[i, :len(s)].float().cpu() for i, s in enumerate(group))
+        return out
+
+    @torch.inference_mode()
+    def _prefill(self, ids: Sequence[int]) -> int:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        res = self.module(input_ids=x, use_cache=True, logits_to_keep=1)
+        self._past = res.past_key_values
+        return int(res.logits[0, -1].argmax())
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> int:
+        x = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        res = self.module(input_ids=x, past_key_values=self._past, use_cache=True)
+        self._past = res.past_key_values
+        return int(res.logits[0, -1].argmax())
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                 stop_at_eos: bool = True) -> list[int]:
+        try:
+            return super().generate(prompt_ids, max_new_tokens, stop_at_eos)
+        finally:
+            self._past = None
+
+    # --- identity -------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        out = dict(self.model.source)
+        out["quantized"] = self.model.is_quantized
+        if self.model.recipe is not None:
+            out["recipe"] = self.model.recipe.to_dict()
+        if self._reopen is not None:
+            out["opened_from"] = self._reopen
+        out["weights_sha256"] = self._weights_sha256()
+        return out
+
+    def _weights_sha256(self) -> str | None:
+        """sha256 of the weights file this model was opened from; None for a model given
+        in memory (it may differ from any file, so nothing is cached under its name)."""
+        if self._reopen is None:
+            return None
+        path = _local_path(self._reopen)
+        if path is not None and path.is_dir():
+            from ..models.artifact import MANIFEST, WEIGHTS
+
+            if (path / MANIFEST).is_file():
+                import json
+
+                files = json.loads((path / MANIFEST).read_text()).get("files", {})
+                return files.get(WEIGHTS)  # type: ignore[no-any-return]
+        return None if self.model.is_quantized else self.model.source.get("sha256")
+
+    def size_info(self) -> dict[str, Any]:
+        from ..eval.size import model_size_info
+
+        return model_size_info(self.model, _local_path(self._reopen))
+
+    def reopen_spec(self, scratch: Path) -> str | None:
+        """The source it was opened from; otherwise the weights written under ``scratch``
+        (an artifact for a quantized model, an HF folder for an original one), so the fresh
+        process runs exactly these weights."""
+        if self._reopen is not None:
+            return self._reopen
+        target = Path(scratch) / "model"
+        if self.model.is_quantized:
+            self.model.save(target, force=True)
+        else:
+            self.module.save_pretrained(target)
+            self.tokenizer.save_pretrained(target)
+        return str(target)
+
+    def close(self) -> None:
+        self._past = None
+
+
+def _groups(seqs: Sequence[Sequence[int]], budget: int) -> list[list[Sequence[int]]]:
+    """Consecutive groups whose (rows × longest) stays within ``budget`` tokens."""
+    groups: list[list[Sequence[int]]] = []
+    cur: list[Sequence[int]] = []
+    longest = 0
+    for s in seqs:
+        new_longest = max(longest, len(s))
+        if cur and new_longest * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur, new_longest = [], len(s)
+        cur.append(s)
+        longest = new_longest
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _local_path(spec: str | None) -> Path | None:
+    if spec is None:
+        return None
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    from ..models import zoo
+
+    if spec in zoo.ZOO:
+        return zoo.pull(spec)
+    return None
+
+
+def open_torch(source: Any, device: str | None = None, threads: int | None = None,
+               **options: Any) -> TorchRunnable:
+    """Open ``source`` (a ``Model`` or anything ``eq.load`` takes) as a TorchRunnable.
+
+    A model opened here (not a given ``Model``) goes to CUDA when present, unless
+    ``device`` says otherwise. ``threads`` sets torch's intra-op threads for this process
+    (``torch.set_num_threads``) — asked for explicitly, never by default.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if isinstance(source, Model):
+        return TorchRunnable(source, **options)
+    from .. import load
+
+    model = load(source)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev != "cpu":
+        model.module.to(dev)  # pragma: no cover - GPU only
+    spec = str(Path(source).expanduser().resolve()) if isinstance(source, os.PathLike) or (
+        isinstance(source, str) and Path(source).expanduser().exists()) else str(source)
+    return TorchRunnable(model, reopen=spec, **options)

@@ -1,0 +1,61 @@
+"""Speed: prefill and decode tokens per second, the same protocol for every backend.
+
+One run = a prefill of a fixed 512-token prompt (BOS + the first 511 tokens of the corpus
+stream) that yields the first new token, then 128 single-token greedy decode steps on the
+backend's own KV cache. ``prefill_tps = prompt tokens / prefill seconds`` and ``decode_tps =
+new tokens / decode seconds``, each the median over ``runs`` runs after ``warmup`` untimed
+runs. Loading is never timed. The thread count the backend computed with is recorded.
+
+No torch here: :mod:`edgequant.eval.memory` runs this in a fresh process that, for a GGUF
+file, holds only llama.cpp.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PROMPT_TOKENS = 512
+NEW_TOKENS = 128
+
+
+@dataclass
+class SpeedResult:
+    prefill_tps: float
+    decode_tps: float
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    prefill_s: list[float]
+    decode_s: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def speed_prompt(stream: Sequence[int] | None, bos_id: int, vocab_size: int,
+                 n: int = PROMPT_TOKENS) -> list[int]:
+    """BOS + the first ``n − 1`` tokens of ``stream`` (a fixed pseudo-random sequence of ids
+    when the stream is too short or absent)."""
+    body = [int(t) for t in stream[:n - 1]] if stream is not None else []
+    if len(body) < n - 1:
+        body = [(7919 * i + 13) % vocab_size for i in range(n - 1)]
+    return [bos_id, *body]
+
+
+def measure_speed(runnable: Any, prompt_ids: Sequence[int], new_tokens: int = NEW_TOKENS,
+                  runs: int = 3, warmup: int = 1) -> SpeedResult:
+    """Median prefill and decode throughput of ``runnable`` (see the module docstring)."""
+    for _ in range(warmup):
+        runnable.time_generation(prompt_ids, new_tokens)
+    pre, dec = [], []
+    for _ in range(max(runs, 1)):
+        p, d = runnable.time_generation(prompt_ids, new_tokens)
+        pre.append(p)
+        dec.append(d)
+    p_med, d_med = statistics.median(pre), statistics.median(dec)
+    return SpeedResult(len(prompt_ids) / p_med, new_tokens / d_med if d_med > 0 else float("inf"),
+                       int(runnable.threads), len(prompt_ids), new_tokens, len(pre), pre, dec)
