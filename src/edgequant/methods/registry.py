@@ -66,7 +66,7 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from . import gptq, hqq, rtn  # noqa: F401  (registration)
+    from . import awq, gptq, hqq, int8, rtn, smoothquant  # noqa: F401  (registration)
 
     try:
         return _METHODS[name.lower()]
@@ -76,6 +76,6 @@ def get_method(name: str) -> Method:
 
 
 def list_methods() -> list[str]:
-    from . import gptq, hqq, rtn  # noqa: F401
+    from . import awq, gptq, hqq, int8, rtn, smoothquant  # noqa: F401
 
     return sorted({m.name for m in _METHODS.values()})

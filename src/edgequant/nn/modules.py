@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .quant_linear import QuantLinear
+from .w8a8 import W8A8Linear
 
-MODULES: dict[str, type[nn.Module]] = {"quant_linear": QuantLinear}
+MODULES: dict[str, type[nn.Module]] = {"quant_linear": QuantLinear, "w8a8_linear": W8A8Linear}
 
 
 def module_class(name: str) -> type[nn.Module]:

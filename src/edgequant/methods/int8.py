@@ -1,0 +1,59 @@
+"""The two int8 post-training flavours (no smoothing), both held by ``W8A8Linear``.
+
+==========  ============================  =========================================  ===========
+method      weights                       activations                                calibration
+==========  ============================  =========================================  ===========
+``dynamic`` int8 per output channel, RTN  int8 per token, range computed on the fly  none
+``static``  int8 per output channel, RTN  int8 per tensor, range calibrated once     yes
+==========  ============================  =========================================  ===========
+
+The static range comes from a min-max observer: the largest ``|x|`` any calibration token
+showed at the layer's input (the pipeline's ``act_absmax`` statistic, observed with the
+earlier blocks already quantized). Schemes: ``w8a8`` (dynamic) and ``w8a8-static``; any
+symmetric per-channel integer weight width works (``w4a8``), as the codes fit int8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import SchemeError
+from ..formats import QuantizedTensor, QuantScheme, quantize_tensor
+from ..nn.w8a8 import check_w8a8_scheme
+from .registry import Method, register_method
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.Tensor],
+                    config: Any = None) -> QuantizedTensor:
+    """Round-to-nearest weights for a W8A8 layer (the scheme must suit integer matmul)."""
+    check_w8a8_scheme(scheme)
+    return quantize_tensor(w, scheme)
+
+
+def _dynamic_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.Tensor],
+                    config: Any = None) -> QuantizedTensor:
+    if scheme.act_bits is not None and not scheme.act_dynamic:
+        raise SchemeError(f"method dynamic computes activation ranges per token; scheme "
+                          f"{scheme.name} asks for static ranges (use method static)")
+    return quantize_weight(w, scheme, stats, config)
+
+
+def _static_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.Tensor],
+                   config: Any = None) -> QuantizedTensor:
+    if scheme.act_bits is not None and scheme.act_dynamic:
+        raise SchemeError(f"method static calibrates activation ranges; scheme {scheme.name} "
+                          f"is dynamic (use scheme w8a8-static, or method dynamic)")
+    return quantize_weight(w, scheme, stats, config)
+
+
+DYNAMIC = register_method(Method(
+    "dynamic", _dynamic_weight, module="w8a8_linear", aliases=("int8-dynamic",),
+    description="int8 weights per channel, int8 activations per token on the fly (w8a8)"))
+
+STATIC = register_method(Method(
+    "static", _static_weight, needs=frozenset({"act_absmax"}), module="w8a8_linear",
+    aliases=("int8-static",),
+    description="int8 weights per channel, int8 activations per tensor with calibrated "
+                "min-max ranges (w8a8-static)"))
