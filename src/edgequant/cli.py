@@ -222,6 +222,8 @@ def export_cmd(
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
     calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    gptq: bool = typer.Option(False, "--gptq", help="GPTQ error feedback into the GGML grids "
+                              "(needs --calib)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -234,7 +236,7 @@ def export_cmd(
             console.print(f"loading {source} …")
         spec = calibration(calib, calib_samples, calib_len, seed) if calib else None
         return export(source, output, ftype, imatrix=imatrix, calib=spec, force=force,
-                      progress=_progress_fn(quiet))
+                      progress=_progress_fn(quiet), gptq=gptq)
 
     path = _run(go)
     if not quiet:
@@ -332,6 +334,59 @@ def eval_cmd(
     out.print(table)
     for note in res["notes"]:
         console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("compare")
+def compare_cmd(
+    sources: list[str] = typer.Argument(None, help="Models (zoo names, HF folders, .gguf "
+                                        "files); default smollm2-135m."),
+    methods: str | None = typer.Option(None, "--methods", help="Instead of the preset: "
+                                       "comma-separated baseline, METHOD:SCHEME (gptq:w4g128), "
+                                       "gguf:FTYPE (gguf:Q4_K_M) or peer names (bnb-nf4)."),
+    preset: str = typer.Option("quick", "--preset", help="quick | paper | full."),
+    output: Path = typer.Option(Path("out/compare"), "-o", "--output", help="Directory for "
+                                "results.db, artifacts and the report."),
+    limit: int | None = typer.Option(None, "--limit", help="Items per task (seeded subset); "
+                                     "turns on arc_easy,hellaswag when the preset runs none."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated task names."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="PPL/KLD tokens."),
+    calib_samples: int | None = typer.Option(None, "--calib-samples", help="Calibration "
+                                             "windows for GPTQ/AWQ/…"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for speed."),
+    force: bool = typer.Option(False, "--force", help="Redo finished cells."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Quantize by every method of a preset, measure every result the same way, store it in
+    DIR/results.db (resuming finished cells) and write DIR/report.md and report.html."""
+    from . import compare as run_compare
+    from .compare.progress import RichHooks
+
+    hooks = None if quiet or as_json else RichHooks(console)
+    res = _run(lambda: run_compare(*(sources or ()), preset=preset, methods=methods,
+                                   out_dir=output, force=force, hooks=hooks, argv=sys.argv,
+                                   limit=limit, tasks=tasks, max_tokens=max_tokens,
+                                   calib_samples=calib_samples, threads=threads))
+    s = res.summary
+    if as_json:
+        typer.echo(json.dumps({"run_id": s.run_id, "status": s.status, "done": s.done,
+                               "failed": s.failed, "skipped": s.skipped, "seconds": s.seconds,
+                               "report": str(res.report) if res.report else None}))
+    elif not quiet:
+        console.print(f"[green]report[/] {res.report} (and report.html)")
+
+
+@app.command("report")
+def report_cmd(
+    directory: Path = typer.Argument(..., help="A compare output directory (with results.db)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing."),
+) -> None:
+    """Regenerate DIR/report.md, DIR/report.html and DIR/plots/ from DIR/results.db alone."""
+    from .report import render_report
+
+    path = _run(lambda: render_report(directory))
+    if not quiet:
+        console.print(f"[green]wrote[/] {path} and {path.with_name('report.html')}")
 
 
 def main() -> None:  # pragma: no cover

@@ -164,3 +164,44 @@ def test_cli_imatrix_then_export(tmp_path) -> None:
                               "--quiet"])
     assert res.exit_code == 0, res.output
     assert inspect_gguf(tmp_path / "g.gguf").kv["quantize.imatrix.entries_count"] == len(im)
+
+
+# --- GPTQ error feedback -------------------------------------------------------------------------
+
+
+def test_gptq_lowers_the_output_error_of_32_blocks(llama, tokens) -> None:
+    """tr(E H Eᵀ), the change of the layer outputs on the calibration inputs, for Q4_0."""
+    from edgequant.gguf import quants
+
+    calib = Calibration(tokens)
+    plain = plan_export(llama, "Q4_0", calib=calib, tokenizer_pre="gpt-2")
+    gptq = plan_export(llama, "Q4_0", calib=calib, tokenizer_pre="gpt-2", gptq=True)
+    H = gptq.imatrix.hessians
+    assert H is not None and np.shares_memory(H["blk.0.attn_k.weight"], H["blk.0.attn_q.weight"])
+    errors = {"imatrix": 0.0, "gptq": 0.0}
+    for i, t in enumerate(plain.conv.tensors):
+        if t.name not in H:
+            continue
+        W = t.load().astype(np.float64)
+        for key, plan in (("imatrix", plain), ("gptq", gptq)):
+            E = W - quants.dequantize(plan.encode(i), plan.types[t.name]).reshape(W.shape)
+            errors[key] += float(np.einsum("ij,jk,ik->", E, H[t.name], E))
+    assert errors["gptq"] < 0.75 * errors["imatrix"], errors
+
+
+@pytest.mark.llama
+def test_gptq_export_runs_in_llama_cpp(llama, tokens, tmp_path) -> None:
+    import edgequant as eq
+
+    path = _export(llama, tmp_path / "g.gguf", "Q4_0", calib=Calibration(tokens), gptq=True)
+    ids = tokens[0].tolist()
+    with torch.no_grad():
+        ref = llama.module(torch.tensor([ids])).logits[0]
+    with eq.open(str(path)) as r:
+        got = r.logits(ids)
+    assert float((got - ref).abs().max()) < 0.25 * float(ref.abs().max())
+
+
+def test_gptq_needs_calibration_data(llama, imatrix) -> None:
+    with pytest.raises(GGUFError, match="gptq needs calibration data"):
+        plan_export(llama, "Q4_0", imatrix=imatrix, gptq=True, tokenizer_pre="gpt-2")

@@ -37,6 +37,7 @@ from ..errors import GGUFError
 from ..io_utils import atomic_file, check_output
 from . import quants
 from .convert import Conversion, convert
+from .gptq import gptq_encode
 from .imatrix import ImportanceMatrix, collect, llama_cpp_imatrix
 from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types
 from .reader import inspect_gguf
@@ -62,8 +63,9 @@ def parse_file_type(ftype: str) -> str:
 class ExportPlan:
     """What an export will write: the conversion, each tensor's GGML type, the imatrix."""
 
-    def __init__(self, conv: Conversion, ftype: str, imatrix: ImportanceMatrix | None) -> None:
-        self.conv, self.ftype, self.imatrix = conv, ftype, imatrix
+    def __init__(self, conv: Conversion, ftype: str, imatrix: ImportanceMatrix | None,
+                 gptq: bool = False) -> None:
+        self.conv, self.ftype, self.imatrix, self.gptq = conv, ftype, imatrix, gptq
         infos = [TensorInfo(t.name, t.shape) for t in conv.tensors]
         self.infos = infos
         self._info = {t.name: t for t in infos}
@@ -90,7 +92,10 @@ class ExportPlan:
         if weights is not None and weights.shape[-1] != t.shape[-1]:
             raise GGUFError(f"the imatrix entry for {t.name} has {weights.shape[-1]} columns, "
                             f"the tensor {t.shape[-1]}; it was made for another model")
+        hessians = self.imatrix.hessians if self.imatrix is not None else None
         try:
+            if self.gptq and hessians is not None and t.name in hessians:
+                return gptq_encode(data, self.types[t.name], hessians[t.name], weights)
             return quants.quantize(data, self.types[t.name], imatrix=weights)
         except GGUFError as e:
             raise GGUFError(f"{t.name} ({t.source}): {e}") from None
@@ -99,14 +104,17 @@ class ExportPlan:
 def plan_export(model: Any, ftype: str = "Q4_K_M",
                 imatrix: ImportanceMatrix | str | os.PathLike[str] | None = None,
                 calib: Any = None, progress: Progress = _no_progress,
-                tokenizer_pre: str | None = None) -> ExportPlan:
+                tokenizer_pre: str | None = None, gptq: bool = False) -> ExportPlan:
     """Convert ``model`` and choose every tensor's type (no file is written)."""
     ftype = parse_file_type(ftype)
     if imatrix is not None and calib is not None:
         raise GGUFError("give either an imatrix file or calibration data, not both")
+    if gptq and calib is None:
+        raise GGUFError("gptq needs calibration data (calib=...; --calib CORPUS): an imatrix "
+                        "file holds only the diagonal of the Hessian")
     conv = convert(model, pre=tokenizer_pre)
     if calib is not None:
-        imatrix = collect(model, calib, progress=progress)
+        imatrix = collect(model, calib, progress=progress, hessians=gptq)
     elif imatrix is not None and not isinstance(imatrix, ImportanceMatrix):
         imatrix = ImportanceMatrix.load(imatrix)
     if isinstance(imatrix, ImportanceMatrix):
@@ -114,13 +122,13 @@ def plan_export(model: Any, ftype: str = "Q4_K_M",
         if not wanted & set(imatrix.sums):
             raise GGUFError("the importance matrix has no entry for any tensor of this model "
                             f"(first entries: {sorted(imatrix.sums)[:3]})")
-    return ExportPlan(conv, ftype, imatrix)
+    return ExportPlan(conv, ftype, imatrix, gptq)
 
 
 def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_K_M",
            imatrix: ImportanceMatrix | str | os.PathLike[str] | None = None, calib: Any = None,
            force: bool = False, progress: Progress = _no_progress,
-           tokenizer_pre: str | None = None) -> Path:
+           tokenizer_pre: str | None = None, gptq: bool = False) -> Path:
     """Write ``model_or_source`` as a GGUF file of llama.cpp file type ``ftype``.
 
     Args:
@@ -136,6 +144,8 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
         progress: ``progress(items, total, what)`` wrapper for a progress bar.
         tokenizer_pre: llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer that
             :data:`~edgequant.gguf.tokenizer.KNOWN_PRE` does not recognise (e.g. ``gpt-2``).
+        gptq: encode the block linears with GPTQ error feedback (needs ``calib``; see
+            :mod:`edgequant.gguf.gptq`). Same types and file layout, different codes.
 
     Returns:
         ``path``.
@@ -149,7 +159,7 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
     check_output(path, force)
     ftype = parse_file_type(ftype)
     model = _as_model(model_or_source)
-    plan = plan_export(model, ftype, imatrix, calib, progress, tokenizer_pre)
+    plan = plan_export(model, ftype, imatrix, calib, progress, tokenizer_pre, gptq)
     write_gguf(plan, path, progress)
     return path
 

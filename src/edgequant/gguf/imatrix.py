@@ -62,6 +62,9 @@ class ImportanceMatrix:
         counts: ``name -> tokens`` seen by that tensor.
         datasets: what the data was (kept in the file).
         chunk_count / chunk_size: llama.cpp's bookkeeping: windows and tokens per window.
+        hessians: ``name -> float64 (n_cols, n_cols)``, Σ x xᵀ, when collected for GPTQ
+            (kept in memory only; never written to a file). Linears that read the same
+            input (q/k/v, gate/up) share one array.
     """
 
     sums: dict[str, np.ndarray]
@@ -69,6 +72,7 @@ class ImportanceMatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    hessians: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         missing = set(self.sums) ^ set(self.counts)
@@ -215,7 +219,7 @@ class ImportanceMatrix:
 
 @torch.no_grad()
 def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
-            batch_size: int = 4) -> ImportanceMatrix:
+            batch_size: int = 4, hessians: bool = False) -> ImportanceMatrix:
     """Run calibration windows through ``model`` and accumulate Σx² for each block linear.
 
     Args:
@@ -225,6 +229,8 @@ def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
             ``(N, T)`` token tensor, or a corpus name; default: ``wiki``, 64 × 512 tokens.
         progress: ``progress(items, total, what)`` wrapper for a progress bar.
         batch_size: windows per forward pass.
+        hessians: also accumulate ``Σ x xᵀ`` per distinct linear input (for
+            :func:`~edgequant.gguf.gptq.gptq_encode`).
 
     Returns:
         An :class:`ImportanceMatrix` keyed by GGUF tensor names (``blk.N.attn_q.weight``).
@@ -250,12 +256,24 @@ def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
     sums = {n: torch.zeros(int(m.in_features), dtype=torch.float64)  # type: ignore[arg-type]
             for n, (m, _) in names.items()}
     counts = dict.fromkeys(names, 0)
+    full: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # linear -> the linear whose Hessian it shares
+    last: list[Any] = [None, ""]  # the previous input tensor (kept alive) and its owner
 
     def hook(name: str) -> Callable[..., None]:
         def fn(mod: nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             sums[name] += (x * x).sum(0)
             counts[name] += x.shape[0]
+            if not hessians:
+                return
+            if args[0] is last[0]:  # q/k/v and gate/up are called with the same tensor
+                owner.setdefault(name, last[1])
+                return
+            last[0], last[1] = args[0], owner.setdefault(name, name)
+            if name not in full:
+                full[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            full[name] += x.T @ x
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, (m, _) in names.items()]
@@ -274,8 +292,10 @@ def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
             raise GGUFError(f"non-finite activations reached {n}; the model overflows on the "
                             "calibration data")
         out_sums[n] = s.to(torch.float32).numpy()
+    shared = {n: full[o].numpy() for n, o in owner.items()} if hessians else None
+    last[0] = None
     return ImportanceMatrix(out_sums, counts, [dataset], int(tokens.shape[0]),
-                            int(tokens.shape[1]))
+                            int(tokens.shape[1]), shared)
 
 
 def _gguf_linears(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
