@@ -68,3 +68,8 @@ def test_all_zero_layer_gives_exact_zeros(tiny_llama):
 def test_unknown_method_lists_methods(tiny_llama):
     with pytest.raises(eq.EdgequantError, match="available: .*rtn"):
         eq.quantize(wrap(tiny_llama), "nonsense", scheme="w4g32")
+
+
+def test_weight_only_method_refuses_activation_scheme(tiny_llama):
+    with pytest.raises(eq.EdgequantError, match="dynamic, static or smoothquant"):
+        eq.quantize(wrap(tiny_llama), "rtn", scheme="w8a8")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SchemeError
 from ..formats import QuantizedTensor, QuantScheme
 
 Record = dict  # a layer's entry in the artifact manifest (see pipeline.layer_record)
@@ -34,6 +35,9 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
                        stats: dict | None = None, config: object = None) -> QuantLinear:
         """The layer a method's result becomes (subclasses may use calibration ``stats``)."""
+        if not qt.scheme.is_weight_only:
+            raise SchemeError(f"{qt.scheme.name} quantizes activations too, which a weight-only "
+                              f"layer cannot do; use the dynamic, static or smoothquant method")
         return cls(qt, bias)
 
     def record_extra(self) -> dict:
