@@ -104,7 +104,8 @@ def test_bytes_equal_llama_cpps_own_quantizer(arch: str, ftype: str, tmp_path) -
 @pytest.mark.llama
 def test_quantized_model_is_dequantized_and_reencoded(llama, tmp_path) -> None:
     q = eq.quantize(llama, "rtn", scheme="w4g64")
-    path = _export(q, tmp_path / "q.gguf", "Q8_0")
+    artifact = q.save(tmp_path / "artifact")  # from the native artifact folder, by path
+    path = export(str(artifact), tmp_path / "q.gguf", "Q8_0", tokenizer_pre="gpt-2")
     ids = text_ids(q, 32)
     with torch.no_grad():
         ref = q.module(torch.tensor([ids])).logits[0]
