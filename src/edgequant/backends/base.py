@@ -94,6 +94,10 @@ class Runnable(Protocol):
         (writing a temporary artifact under ``scratch`` if needed), or None."""
         ...
 
+    def reopen_options(self) -> dict[str, Any]:
+        """Options for :func:`open_runnable` that make the reopened model run as this one."""
+        ...
+
     def close(self) -> None: ...
 
     def __enter__(self) -> Runnable: ...
@@ -116,6 +120,9 @@ class RunnableBase:
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
+
+    def reopen_options(self) -> dict[str, Any]:
+        return {}
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -173,8 +180,9 @@ _BACKENDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
 
 
 def register_backend(name: str, accepts: Callable[[Any], bool], opener: str) -> None:
-    """Register a backend: ``accepts(source)`` says whether it opens ``source`` by default;
-    ``opener`` is ``"module:function"``, imported only when used."""
+    """Register a backend: ``accepts(source)`` says whether it opens ``source`` by default
+    (asked in registration order, the torch fallback last); ``opener`` is
+    ``"module:function"``, imported only when used."""
     _BACKENDS[name] = (accepts, opener)
 
 
@@ -185,6 +193,7 @@ def _is_gguf_file(source: Any) -> bool:
 
 register_backend("llama.cpp", _is_gguf_file, "edgequant.backends.llamacpp:open_gguf")
 register_backend("torch", lambda s: True, "edgequant.backends.torch_native:open_torch")
+_FALLBACK = "torch"
 
 
 def backend_names() -> list[str]:
@@ -207,8 +216,9 @@ def open_runnable(source: Any, backend: str | None = None, **options: Any) -> Ru
     """
     if isinstance(source, Runnable):
         return source
-    if backend is None:
-        backend = next(n for n, (accepts, _) in _BACKENDS.items() if accepts(source))
+    if backend is None:  # the torch fallback accepts anything: ask it last
+        order = [n for n in _BACKENDS if n != _FALLBACK] + [_FALLBACK]
+        backend = next(n for n in order if _BACKENDS[n][0](source))
     if backend not in _BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; known: {', '.join(_BACKENDS)}")
     module_name, func = _BACKENDS[backend][1].split(":")

@@ -43,19 +43,19 @@ print("ok")
 _PATCH_LOCK = threading.Lock()
 
 
-def extra_bufts_supported(path: Path) -> bool:
+def extra_bufts_supported(path: Path, file_type: str | None = None) -> bool:
     """Whether llama.cpp's extra buffer types (AMX kernels, weight repacking) run here.
 
     Some virtual machines advertise AMX in CPUID but fault on its instructions (SIGILL in
     ``tilezero``); a llama-cpp-python built with ``GGML_NATIVE`` then crashes on the first
     quantized matmul. This runs one tiny evaluation of ``path`` in a subprocess, once per
-    (llama-cpp-python version, CPU flags, kernel, tensor types), and remembers the verdict in
-    ``<cache>/llama-cpp-probe.json``. ``EDGEQUANT_LLAMA_EXTRA_BUFTS=0|1`` overrides it.
+    (llama-cpp-python version, CPU flags, kernel, GGUF file type), and remembers the verdict
+    in ``<cache>/llama-cpp-probe.json``. ``EDGEQUANT_LLAMA_EXTRA_BUFTS=0|1`` overrides it.
     """
     env = os.environ.get("EDGEQUANT_LLAMA_EXTRA_BUFTS")
     if env in ("0", "1"):
         return env == "1"
-    key = _probe_key(path)
+    key = _probe_key(file_type)
     root = Path(os.environ.get("EDGEQUANT_CACHE") or Path.home() / ".cache" / "edgequant")
     store = root.expanduser() / "llama-cpp-probe.json"
     try:
@@ -75,7 +75,7 @@ def extra_bufts_supported(path: Path) -> bool:
     return bool(verdicts[key])
 
 
-def _probe_key(path: Path) -> str:
+def _probe_key(file_type: str | None) -> str:
     import platform
 
     flags = ""
@@ -84,11 +84,8 @@ def _probe_key(path: Path) -> str:
             if line.startswith("flags"):
                 flags = line
                 break
-    from gguf import GGUFReader
-
-    types = sorted({t.tensor_type.name for t in GGUFReader(str(path)).tensors})
     raw = json.dumps([_llama_cpp().__version__, platform.machine(), platform.release(), flags,
-                      types])
+                      file_type])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -154,14 +151,15 @@ class LlamaCppRunnable(RunnableBase):
         self._llm: Any = None
         self._mode: str | None = None
         self._sha256: str | None = None
-        self.extra_bufts = extra_bufts if extra_bufts is not None else \
-            extra_bufts_supported(self.path)
         try:
-            self._vocab = self._lib.Llama(str(self.path), vocab_only=True, verbose=False)
+            self._vocab = self._lib.Llama(str(self.path), vocab_only=True, n_ctx=16, n_batch=16,
+                                          n_ubatch=16, verbose=False)
         except Exception as e:  # llama-cpp raises ValueError/RuntimeError on bad files
             raise ModelLoadError(f"llama.cpp cannot read {self.path}: {e}; the file is "
                                  "truncated, corrupt, or of an architecture it lacks") from None
         meta = self._vocab.metadata
+        self.extra_bufts = extra_bufts if extra_bufts is not None else \
+            extra_bufts_supported(self.path, meta.get("general.file_type"))
         arch = meta.get("general.architecture", "")
         bos, eos = self._vocab.token_bos(), self._vocab.token_eos()
         self.eos_id: int | None = eos if eos >= 0 else None
@@ -273,6 +271,9 @@ class LlamaCppRunnable(RunnableBase):
 
     def reopen_spec(self, scratch: Path) -> str | None:
         return str(self.path.resolve())
+
+    def reopen_options(self) -> dict[str, Any]:
+        return {"extra_bufts": self.extra_bufts, "threads": self.threads}
 
     def _free(self) -> None:
         if self._llm is not None:

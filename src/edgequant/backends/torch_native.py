@@ -174,6 +174,9 @@ class TorchRunnable(RunnableBase):
             self.tokenizer.save_pretrained(target)
         return str(target)
 
+    def reopen_options(self) -> dict[str, Any]:
+        return {"threads": self.threads, "device": self.device.type}
+
     def close(self) -> None:
         self._past = None
 

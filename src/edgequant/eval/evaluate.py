@@ -90,6 +90,7 @@ class EvalResult:
     top1: float | None = None
     ppl_base: float | None = None
     kld_base: dict[str, Any] | None = None
+    kld_base_cached: bool | None = None
     kld_topk: int | None = None
     kld_tail: int | None = None
     prefill_tps: float | None = None
@@ -223,6 +224,7 @@ def _stream_metrics(r: Runnable, stream: Any, wanted: list[str], cfg: EvalConfig
             base = base_distribution(b, windows, cfg.kld_topk, cfg.kld_tail, progress)
         res.kld_base, res.kld_topk, res.kld_tail = base.meta.get("base"), cfg.kld_topk, \
             cfg.kld_tail
+        res.kld_base_cached = bool(base.meta.get("cached"))
         if not base.meta.get("cache_file"):
             res.notes.append("the KLD base lives only in memory: its distributions were "
                              "computed, not cached")
@@ -273,7 +275,7 @@ def _speed_memory(r: Runnable, stream: Any, cfg: EvalConfig, res: EvalResult) ->
             sp = measure_speed(r, prompt, cfg.new_tokens, cfg.speed_runs, cfg.warmup).to_dict()
         else:
             sp = measure_fresh(spec, r.backend, prompt, cfg.new_tokens, cfg.speed_runs,
-                               cfg.warmup, cfg.threads)
+                               cfg.warmup, cfg.threads, r.reopen_options())
             res.peak_rss_mb, res.rss_before_load_mb = sp["peak_rss_mb"], sp["rss_before_load_mb"]
             res.peak_cuda_mb = sp.get("peak_cuda_mb")
     res.prefill_tps, res.decode_tps, res.threads = sp["prefill_tps"], sp["decode_tps"], \

@@ -4,8 +4,9 @@ The parent writes a request (the model's source, backend, prompt ids, threads) t
 starts ``python -c <bootstrap> REQUEST``. The child records its RSS before loading, opens the
 model with :func:`~edgequant.backends.base.open_runnable`, runs
 :func:`~edgequant.eval.speed.measure_speed`, and prints one JSON line: the speed figures,
-``peak_rss_mb`` (its own ``getrusage(RUSAGE_SELF).ru_maxrss``: every byte it ever held,
-interpreter and libraries included, nothing shared with other models), ``rss_before_load_mb``
+``peak_rss_mb`` (its own high-water mark ``VmHWM``: every byte it ever held resident,
+interpreter and libraries included, nothing inherited from the parent — see
+:func:`_peak_rss_mb` for why not ``ru_maxrss``), ``rss_before_load_mb``
 (the interpreter and libraries alone), ``load_s``, and ``peak_cuda_mb`` on a GPU.
 
 For a GGUF file the child imports the ``edgequant`` package without running its
@@ -46,14 +47,18 @@ child_main(sys.argv[1])
 
 def measure_fresh(spec: str, backend: str, prompt_ids: Sequence[int], new_tokens: int,
                   runs: int = 3, warmup: int = 1, threads: int | None = None,
-                  timeout: float = 1800.0) -> dict[str, Any]:
+                  options: dict[str, Any] | None = None, timeout: float = 1800.0
+                  ) -> dict[str, Any]:
     """Run the speed test on ``spec`` in a fresh process; its speed and memory figures.
+
+    ``options`` go to :func:`open_runnable` in the child (``threads`` overrides theirs).
 
     Raises:
         EvaluationError: the child failed or timed out (its last error lines are quoted).
     """
     request = {"spec": spec, "backend": backend, "prompt": [int(t) for t in prompt_ids],
-               "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "threads": threads}
+               "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+               "options": {**(options or {}), **({"threads": threads} if threads else {})}}
     with tempfile.TemporaryDirectory(prefix="edgequant-mem-") as tmp:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps(request))
@@ -72,10 +77,11 @@ def measure_fresh(spec: str, backend: str, prompt_ids: Sequence[int], new_tokens
                           f"{res.returncode}): {tail or 'no output'}")
 
 
-def _rss_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -83,8 +89,18 @@ def _rss_mb() -> float | None:
 
 
 def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+    """This process's peak RSS since it was exec'd.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries that counter across ``execve``
+    and folds in the address space the child was forked (or vforked) from — the *parent's*
+    peak — so a child of a process that once held a large model would report that model's
+    memory. ``VmHWM`` belongs to the fresh address space only.
+    """
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover - not Linux
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def child_main(request_path: str) -> None:
@@ -93,10 +109,9 @@ def child_main(request_path: str) -> None:
     from .speed import measure_speed
 
     req = json.loads(Path(request_path).read_text())
-    before = _rss_mb()
+    before = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    opts: dict[str, Any] = {"threads": req["threads"]} if req["threads"] else {}
-    runnable = open_runnable(req["spec"], backend=req["backend"], **opts)
+    runnable = open_runnable(req["spec"], backend=req["backend"], **req["options"])
     load_s = time.perf_counter() - t0
     try:
         speed = measure_speed(runnable, req["prompt"], req["new_tokens"], req["runs"],
@@ -104,6 +119,7 @@ def child_main(request_path: str) -> None:
     finally:
         runnable.close()
     out = {**speed.to_dict(), "peak_rss_mb": _peak_rss_mb(), "rss_before_load_mb": before,
+           "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "load_s": load_s, "peak_cuda_mb": None, "pid": os.getpid(),
            "torch_imported": "torch" in sys.modules}
     torch = sys.modules.get("torch")
