@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(VENV)/bin/edgequant zoo pull smollm2-135m
-	$(VENV)/bin/edgequant quantize smollm2-135m --method rtn --scheme w4g128 \
-		-o $(DEMO)/smollm2-135m-rtn-w4g128 --force
-	$(VENV)/bin/edgequant info $(DEMO)/smollm2-135m-rtn-w4g128
+	$(VENV)/bin/edgequant compare smollm2-135m --preset quick -o $(DEMO)
+	@echo "report: $(DEMO)/report.html (and $(DEMO)/report.md)"
 
 test: setup
 	$(PY) -m pytest -q
