@@ -191,7 +191,14 @@ def _is_gguf_file(source: Any) -> bool:
             and Path(source).is_file())
 
 
+def _is_peer_artifact(source: Any) -> bool:
+    """A folder written by a peer tool's adapter (:mod:`edgequant.backends.peers`)."""
+    return isinstance(source, str | os.PathLike) and \
+        (Path(source) / "edgequant-peer.json").is_file()
+
+
 register_backend("llama.cpp", _is_gguf_file, "edgequant.backends.llamacpp:open_gguf")
+register_backend("peer", _is_peer_artifact, "edgequant.backends.peers:open_peer")
 register_backend("torch", lambda s: True, "edgequant.backends.torch_native:open_torch")
 _FALLBACK = "torch"
 
