@@ -249,3 +249,36 @@ def test_smollm2_f32_perplexity_in_llama_cpp_matches_transformers(smollm2_dir, t
     ref = eq.evaluate(model, ["ppl"], **opts)
     assert ours.tokens_scored == ref.tokens_scored > 3000
     assert abs(ours.ppl / ref.ppl - 1) < 0.005, (ours.ppl, ref.ppl)
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_gemma3_270m_matches_llama_cpps_converter_and_runs_alike(tmp_path) -> None:
+    """Real Gemma 3: tokenizer and hyper-parameters equal those of the GGUF made by llama.cpp's
+    converter (the zoo's source file); our F32 file gives transformers' logits in llama.cpp,
+    beyond the sliding window (512) too."""
+    import edgequant as eq
+    from edgequant.data.tokens import corpus_tokens
+    from edgequant.models import zoo
+
+    original = inspect_gguf(zoo.fetch_gguf("gemma3-270m")).kv
+    model = eq.load("gemma3-270m")
+    path = eq.export(model, tmp_path / "gemma3-f32.gguf", "F32")
+    ours = inspect_gguf(path).kv
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"):
+        assert ours[key] == original[key], key
+    for key in [k for k in original if k.startswith("gemma3.")]:
+        assert ours[key] == pytest.approx(original[key]), key
+    ids = [model.tokenizer.bos_token_id, *corpus_tokens("wiki", model.tokenizer)[:639].tolist()]
+    with torch.no_grad():
+        ref = model.module(torch.tensor([ids])).logits[0].double()
+    with eq.open(str(path)) as r:
+        got = r.logits(ids).double()
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    assert float(kld.mean()) < 1e-4 and float(kld[512:].mean()) < 1e-4
+    assert float((got.argmax(-1) == ref.argmax(-1)).double().mean()) > 0.99
