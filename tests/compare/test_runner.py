@@ -166,7 +166,7 @@ def test_changed_settings_make_new_cells(tmp_path: Path) -> None:
     log = fakes.Log(tmp_path / "log.jsonl")
     _run(tmp_path / "out", log)
     # calibration settings only matter to calibrated cells (gptq here)
-    calib = Settings(**{**fakes.SETTINGS.to_dict(), "calib_samples": 8, "tasks": (),
+    calib = Settings(**{**fakes.SETTINGS.to_dict(), "calib_samples": 4, "tasks": (),
                         "budgets_mb": None})
     again = _run(tmp_path / "out", log, settings=calib)
     assert [log.count("evaluate", c.label) for c in fakes.cells()] == [1, 1, 1, 1, 2]

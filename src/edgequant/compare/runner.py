@@ -117,8 +117,10 @@ class CellContext:
         return self.runner.sources.model(self.cell.model)
 
     @property
-    def kld_base(self) -> str:
-        return self.source_path()
+    def kld_base(self) -> Any:
+        """The fp baseline every KLD of this model is measured against: the source model
+        already in memory (a Runnable), so no cell loads it again."""
+        return self.runner.sources.base_runnable(self.cell.model)
 
     def bytes_scored(self, runnable: Any) -> int:
         return self.runner.sources.bytes_scored(self.cell.model, self.settings, runnable)
@@ -301,6 +303,13 @@ class Sources:
             self._model = None
             self._model = (model, load(self.path(model)))
         return self._model[1]
+
+    def base_runnable(self, model: str) -> Any:
+        """The loaded source as a torch Runnable (opened from its path, so its identity — and
+        the KLD cache key — is the same as ``eq.open(path)``'s)."""
+        from ..backends.torch_native import TorchRunnable
+
+        return TorchRunnable(self.model(model), reopen=self.path(model))
 
     def bytes_scored(self, model: str, settings: Settings, runnable: Any) -> int:
         """UTF-8 bytes of the text whose tokens perplexity scores (for bits per byte), counted
