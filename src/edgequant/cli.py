@@ -359,7 +359,7 @@ def compare_cmd(
 ) -> None:
     """Quantize by every method of a preset, measure every result the same way, store it in
     DIR/results.db (resuming finished cells) and write DIR/report.md and report.html."""
-    from . import compare as run_compare
+    from .compare import compare as run_compare
     from .compare.progress import RichHooks
 
     hooks = None if quiet or as_json else RichHooks(console)

@@ -11,6 +11,8 @@ See :mod:`.matrix` (cells, presets, settings), :mod:`.store` (``results.db``) an
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +90,16 @@ def compare(*sources: str, preset: str = "quick", methods: str | Sequence[str] |
 
         path = render_report(out_dir)
     return CompareResult(summary, Path(out_dir), path)
+
+
+class _CallableModule(types.ModuleType):
+    """``edgequant.compare`` is both this package and the API function ``eq.compare``.
+    Importing the package rebinds the attribute ``edgequant.compare`` to the package (Python
+    sets a parent's attribute to each imported submodule), so the package itself must be
+    callable for ``eq.compare(...)`` to keep working: calling it calls :func:`compare`."""
+
+    def __call__(self, *sources: str, **options: Any) -> CompareResult:
+        return compare(*sources, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
