@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: a bare "torch" would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,llama,peers,report]'
+	# headless Chromium + driver for the HTML report's browser test (Debian packages)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	touch $(STAMP)
 
 demo: setup
