@@ -176,6 +176,25 @@ def test_open_runnable_recognises_a_peer_folder_by_default(made):
     assert res.returncode == 0 and res.stdout.strip().endswith("peer"), res.stderr[-500:]
 
 
+def test_make_from_a_model_in_memory(peer_tiny_dir, tmp_path, reference_logits):
+    """A loaded ``Model`` is written to a temporary folder for the tool; a quantized one is
+    refused (peers quantize original weights)."""
+    import edgequant as eq
+    from edgequant.errors import ModelLoadError
+
+    model = eq.load(peer_tiny_dir)
+    path = peers.get("bnb-nf4").make(model, tmp_path / "from-model")
+    record = json.loads((path / peers.MARKER).read_text())
+    assert record["source"]["name"] == model.name
+    assert record["source"]["num_params"] == sum(p.numel() for p in model.module.parameters())
+    with peers.get("bnb-nf4").open(path) as r:
+        assert 0.05 < _rel(r.logits(IDS), reference_logits) < 0.35
+    with pytest.raises(ModelLoadError, match="original weights"):
+        peers.get("bnb-nf4").make(eq.quantize(model, "rtn", scheme="w8"), tmp_path / "q")
+    with pytest.raises(ModelLoadError, match="made by bnb-nf4"):
+        peers.get("bnb-fp4").open(path)
+
+
 # --- bit-exactness with our own formats -------------------------------------------------------
 
 

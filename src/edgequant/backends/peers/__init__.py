@@ -18,7 +18,9 @@ An artifact is a folder::
       ...                      the tool's own files (safetensors + config, or a .gguf)
       tokenizer files
 
-``eq.open(OUT)`` / ``open_runnable(OUT)`` recognise it by the marker (backend ``peer``).
+Importing this package registers the ``peer`` backend (``open_runnable(OUT, backend="peer")``),
+which recognises an artifact by its marker; ``open_runnable(OUT)`` picks it by default only
+where ``peer`` is checked before ``torch`` (which accepts every source) — see base.py.
 
 Every name maps to a frozen :class:`PeerMethod`; the table below is data, one adapter module
 per tool implements ``make``/``open`` (``bnb``, ``llamacpp_quant``, ``llmcompressor``,
@@ -224,16 +226,18 @@ def open_peer(source: Any, threads: int | None = None, **options: Any) -> Runnab
     artifact alone (see each adapter for the tools that cannot, and what they do instead)."""
     if not is_peer_artifact(source):
         raise ModelLoadError(f"{source} is not a peer artifact (no {MARKER})")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     path = Path(source).expanduser().resolve()
     record = read_record(path)
     method = get(record["method"])
     adapter = method._adapter()
     _before_import(adapter)
     require(method.module, method.tool)
+    if getattr(adapter, "TAKES_THREADS", False):
+        options["threads"] = threads
+    elif threads is not None:  # torch runtimes: as the torch backend does, when asked
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         runnable: Runnable = adapter.open(method, path, record, **options)
     except EdgequantError:

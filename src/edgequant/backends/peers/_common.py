@@ -73,7 +73,7 @@ class Source:
 def _num_params(module: nn.Module) -> int:
     seen: set[int] = set()
     n = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in module.parameters():  # tied parameters once, buffers (rotary tables) not
         if t.data_ptr() in seen or not t.is_floating_point():
             continue
         seen.add(t.data_ptr())

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from . import PeerMethod
 
 GGUF_NAME = "model-{}.gguf"
+TAKES_THREADS = True  # open() passes ``threads`` to llama.cpp, not to torch
 _SRC_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
