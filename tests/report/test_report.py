@@ -136,3 +136,12 @@ def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
     assert "`smollm2-135m-asis`" in text and "**not** permuted" in text
     assert "576" in text and "falls back" in text
     assert "measured** bits per weight" in text
+
+
+def test_a_busy_machine_is_a_caveat() -> None:
+    from edgequant.compare.matrix import Settings
+
+    busy = caveats([_row("m")], Settings(), {"loadavg": [9.5, 9, 9], "cpus": 2})
+    idle = caveats([_row("m")], Settings(), {"loadavg": [0.5, 1, 1], "cpus": 2})
+    assert any("machine was busy" in c and "9.5" in c for c in busy)
+    assert not any("busy" in c for c in idle)

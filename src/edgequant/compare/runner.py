@@ -537,10 +537,14 @@ def host_info() -> dict[str, Any]:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 0
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        load = None
     return {"hostname": platform.node(), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(),
             "python": sys.version.split()[0], "cpus": cpus, "cpu_model": _cpu_model(),
-            "mem_gb": _mem_gb()}
+            "mem_gb": _mem_gb(), "loadavg": load}
 
 
 def _cpu_model() -> str | None:

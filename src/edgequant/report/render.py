@@ -43,6 +43,7 @@ class ReportData:
     rows: list[ResultRow]
     errors: list[ErrorRow]
     excluded: int
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the runs behind the rows
     figures: list[Figure] = field(default_factory=list)
     picks: list[Pick] = field(default_factory=list)
     pairings: list[Pairing] = field(default_factory=list)
@@ -75,7 +76,10 @@ def collect(store: Store, out: Path) -> ReportData:
     models = list(dict.fromkeys(c for c in _cell_models(store, eh)))
     rows = sort_rows(rows, models or None)
     excluded = len(store.results()) - len(rows)
-    data = ReportData(out, run, settings, rows, store.open_errors(eh), excluded)
+    behind = {r.run_id for r in rows}
+    used = [r for r in runs if r["id"] in behind] or [run]
+    # host and versions: of the latest run that produced a shown result
+    data = ReportData(out, used[-1], settings, rows, store.open_errors(eh), excluded, used)
     data.budgets = list(settings.budgets_mb) if settings.budgets_mb else default_budgets(rows)
     data.picks = recommendations(rows, data.budgets)
     if len({r.model for r in rows}) > 1:
@@ -84,7 +88,9 @@ def collect(store: Store, out: Path) -> ReportData:
     for r in rows:
         for g in store.generations(r.result_id):
             data.generations.setdefault(g["prompt"], []).append((r, g["output"] or ""))
-    data.caveats = caveats(rows, settings)
+    loads = [(r.get("host") or {}) for r in used]
+    busiest = max(loads, key=lambda h: (h.get("loadavg") or [0.0])[0])
+    data.caveats = caveats(rows, settings, busiest)
     return data
 
 
@@ -146,10 +152,17 @@ def _slug(s: str) -> str:
 # --- caveats ------------------------------------------------------------------------------------
 
 
-def caveats(rows: list[ResultRow], s: Settings) -> list[str]:
+def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = None
+            ) -> list[str]:
     from ..models import zoo
 
     out = []
+    load, cpus = (host or {}).get("loadavg"), (host or {}).get("cpus")
+    if load and cpus and load[0] > cpus:
+        out.append(f"**The machine was busy**: load average {load[0]:g} on {cpus} CPUs when "
+                   "the run started, so the speed figures (tok/s) are lower and noisier than "
+                   "on an idle machine; sizes, perplexity, KLD and accuracy do not depend on "
+                   "it.")
     zoo_models = [m for m in dict.fromkeys(r.model for r in rows) if m in zoo.ZOO]
     if zoo_models:
         parts = []
@@ -206,11 +219,13 @@ def _settings_lines(data: ReportData) -> list[str]:
     ver = run.get("versions") or {}
     tasks = (f"{', '.join(s.tasks)} ({s.limit if s.limit else 'all'} items each, seed "
              f"{s.task_seed})") if s.tasks else "off"
+    runs = data.runs or [run]
     return [
-        f"- run {run['id']} ({run.get('preset') or 'custom'}), started {run['started']}, "
-        f"finished {run.get('finished') or '—'}, status **{run['status']}**",
+        *(f"- run {r['id']} ({r.get('preset') or 'custom'}), started {r['started']}, finished "
+          f"{r.get('finished') or '—'}, status **{r['status']}**" for r in runs),
         f"- host: {host.get('cpu_model') or host.get('machine', '?')}, {host.get('cpus', '?')} "
-        f"CPUs, {host.get('mem_gb', '?')} GB, Python {host.get('python', '?')}",
+        f"CPUs, {host.get('mem_gb', '?')} GB, Python {host.get('python', '?')}, load average "
+        f"at start {(host.get('loadavg') or ['?'])[0]}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(ver.items())),
         f"- perplexity/KLD: `{s.corpus}`, {s.max_tokens} tokens in windows of {s.ctx} "
         f"(KLD top-{s.kld_topk}, against each model's fp baseline)",
