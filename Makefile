@@ -28,7 +28,7 @@ demo: setup
 	@echo "report: $(DEMO)/report.html (and $(DEMO)/report.md)"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
