@@ -261,3 +261,15 @@ def test_smollm2_q4_k_m(smollm2_dir, tmp_path) -> None:
         prompt = r.tokenize(r.chat_prompt("What is the capital of France?"), special=True)
         out = r.generate(prompt, 16)
         assert len(out) > 0 and r.detokenize(out).strip()
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_gguf_round_trips_byte_for_byte(tmp_path) -> None:
+    """The zoo's original Q4_1 file -> eq.load (dequantized) -> export Q4_1: every tensor
+    equals the original's (its linears sit on the Q4_1 grid, its embedding on Q8_0's)."""
+    from edgequant.models import zoo
+
+    original = zoo.fetch_gguf("smollm2-135m")
+    ours = eq.export(str(original), tmp_path / "again.gguf", "Q4_1")
+    a, b = _tensor_bytes(original), _tensor_bytes(ours)
+    assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
