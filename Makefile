@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.edgequant-setup
 DEMO   ?= out/demo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-all test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: setup
 	@echo "report: $(DEMO)/report.html (and $(DEMO)/report.md)"
 
 test: setup
+	$(PY) -m pytest -q --durations=25 -m "not heavy"
+
+test-all: setup
 	$(PY) -m pytest -q --durations=25
 
 test-fast: setup

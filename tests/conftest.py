@@ -40,3 +40,21 @@ def smollm2_dir() -> Path:
     from edgequant.models import zoo
 
     return zoo.pull("smollm2-135m")
+
+
+# Tests that take minutes each on 2 cores (Gemma 3's 1 GB checkpoint, a whole compare run,
+# every peer tool on the real model): `make test-all` runs them, `make test` (CI) does not.
+HEAVY = (
+    "tests/compare/test_e2e_real.py",
+    "tests/backends/peers/test_peers_real.py",
+    "test_gemma3_270m_matches_llama_cpps_converter",
+    "test_gemma3_permuted_is_the_same_function",
+    "test_checkpoint_tokenizer_matches_llama_cpp[gemma3-270m]",
+    "test_gguf_source_matches_zoo_asis",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(h in item.nodeid for h in HEAVY):
+            item.add_marker(pytest.mark.heavy)
