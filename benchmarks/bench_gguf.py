@@ -77,9 +77,19 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-imatrix", action="store_true")
+    ap.add_argument("--gptq", action="store_true",
+                    help="add rows for our GPTQ error-feedback export (calibration data as "
+                         "for the imatrix; no llama.cpp counterpart)")
+    ap.add_argument("--measure-identical", action="store_true",
+                    help="evaluate llama.cpp's file even when its tensors equal ours")
     ap.add_argument("--workdir", default=None, help="keep the GGUF files here")
     ap.add_argument("--out", default=str(ROOT / "results" / "gguf.json"))
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite the .md table from an existing --out JSON and stop")
     args = ap.parse_args()
+    if args.markdown_only:
+        save(json.loads(Path(args.out).read_text()), Path(args.out))
+        return
 
     import edgequant as eq
     from edgequant.data.calibration import calibration
@@ -113,7 +123,7 @@ def main() -> None:
     if not args.no_imatrix:
         t = time.perf_counter()
         spec = calibration(args.corpus, args.calib_samples, args.calib_len)
-        imatrix = collect(model, spec)
+        imatrix = collect(model, spec, hessians=args.gptq)
         out["timings"]["imatrix_s"] = time.perf_counter() - t
         out["imatrix"] = {"windows": args.calib_samples, "tokens_per_window": args.calib_len,
                           "corpus": args.corpus, "entries": len(imatrix),
@@ -133,12 +143,30 @@ def main() -> None:
                                      imatrix=imatrix if use_im else None, threads=args.threads)
             t_ref = time.perf_counter() - t
             same = tensors_equal(ours, ref)
+            measured: dict[str, Any] = {}
             for who, path, secs in (("ours", ours, t_ours), ("llama.cpp", ref, t_ref)):
+                reuse = same and measured and not args.measure_identical
                 row = {"type": ftype, "imatrix": use_im, "who": who, "quantize_s": secs,
-                       "tensors_identical": same, **measure(path, f32, args)}
+                       "tensors_identical": same,
+                       **(measured if reuse else measure(path, f32, args)),
+                       "measured": "same tensors as ours, not re-run" if reuse else "yes"}
+                measured = {k: row[k] for k in ("size_bytes", "bpw_linear", "bpw_total", "ppl",
+                                                "kld_mean", "kld_p99", "top1", "tokens_scored")}
+                if reuse:
+                    row["size_bytes"] = path.stat().st_size
                 out["rows"].append(row)
                 log(f"{tag:12s} {who:9s} {secs:6.1f}s ppl {row['ppl']:.4f} "
                     f"kld {row['kld_mean']:.5f} identical={same}")
+            save(out, Path(args.out))
+        if args.gptq and imatrix is not None and ftype not in NO_IMATRIX:
+            t = time.perf_counter()
+            path = eq.export(model, work / f"ours-{ftype}-gptq.gguf", ftype, force=True,
+                             imatrix=imatrix, gptq=True)
+            row = {"type": ftype, "imatrix": True, "who": "ours+gptq",
+                   "quantize_s": time.perf_counter() - t, **measure(path, f32, args)}
+            out["rows"].append(row)
+            log(f"{ftype}-gptq   ours+gptq {row['quantize_s']:6.1f}s ppl {row['ppl']:.4f} "
+                f"kld {row['kld_mean']:.5f}")
             save(out, Path(args.out))
     q4 = [r for r in out["rows"] if r["type"] == "Q4_K_M" and r["who"] == "ours"
           and not r["imatrix"]]
@@ -166,7 +194,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"{_first(out, 'tokens_scored')} scored), KLD and top-1 against the F32 export, all "
         "run in llama.cpp (llama-cpp-python 0.3.36). `llama.cpp` = `llama_model_quantize` "
         "on our F32 file. bpw lin = bits per weight over the block linears; bpw all = every "
-        "tensor. `same` = every tensor byte-identical between the two files.",
+        "tensor. `same` = every tensor byte-identical between the two files; llama.cpp "
+        "reads only the tensors and the model keys, so for identical tensors its metrics "
+        "are not measured twice (marked `= ours`; `--measure-identical` re-runs them).",
         "",
         f"Times ({out['cpus']} CPUs, shared): load {t.get('load_s', 0):.1f} s, F32 export "
         f"{t.get('export_F32_s', 0):.1f} s, Q4_K_M export {t.get('export_Q4_K_M_s', 0):.1f} s"
@@ -184,7 +214,9 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['who']} | "
             f"{r['size_bytes'] / 1e6:.1f} | {r['bpw_linear']:.3f} | {r['bpw_total']:.3f} | "
             f"{r['ppl']:.4f} | {r['kld_mean']:.5f} | {100 * r['top1']:.2f}% | "
-            f"{_yes(r.get('tensors_identical'))} | {_num(r.get('quantize_s'))} |")
+            f"{_yes(r.get('tensors_identical'))}"
+            f"{' (= ours)' if r.get('measured', 'yes') != 'yes' else ''} | "
+            f"{_num(r.get('quantize_s'))} |")
     if "imatrix" in out:
         im = out["imatrix"]
         lines += ["", f"imatrix: {im['windows']} × {im['tokens_per_window']} tokens of "

@@ -202,6 +202,8 @@ def test_gptq_export_runs_in_llama_cpp(llama, tokens, tmp_path) -> None:
     assert float((got - ref).abs().max()) < 0.25 * float(ref.abs().max())
 
 
-def test_gptq_needs_calibration_data(llama, imatrix) -> None:
+def test_gptq_needs_calibration_data(llama, imatrix, tokens) -> None:
     with pytest.raises(GGUFError, match="gptq needs calibration data"):
         plan_export(llama, "Q4_0", imatrix=imatrix, gptq=True, tokenizer_pre="gpt-2")
+    with_h = collect(llama, tokens, hessians=True)  # an in-memory matrix with its Hessians
+    assert plan_export(llama, "Q4_0", imatrix=with_h, gptq=True, tokenizer_pre="gpt-2").gptq

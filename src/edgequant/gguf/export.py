@@ -109,7 +109,8 @@ def plan_export(model: Any, ftype: str = "Q4_K_M",
     ftype = parse_file_type(ftype)
     if imatrix is not None and calib is not None:
         raise GGUFError("give either an imatrix file or calibration data, not both")
-    if gptq and calib is None:
+    has_hessians = isinstance(imatrix, ImportanceMatrix) and imatrix.hessians is not None
+    if gptq and calib is None and not has_hessians:
         raise GGUFError("gptq needs calibration data (calib=...; --calib CORPUS): an imatrix "
                         "file holds only the diagonal of the Hessian")
     conv = convert(model, pre=tokenizer_pre)
