@@ -43,6 +43,7 @@ class EvalConfig:
         limit: items per task, a seeded fixed subset (None: all).
         seed: for the task subset.
         prompt_tokens, new_tokens, speed_runs, warmup: the speed protocol.
+        speed_timeout: seconds the speed/memory subprocess may run.
         threads: CPU threads (None: the backend's default; recorded either way).
         generate_tokens: new tokens per generation prompt.
         generate_out: JSON file for the generations (None: kept in the result only).
@@ -63,6 +64,7 @@ class EvalConfig:
     new_tokens: int = 128
     speed_runs: int = 3
     warmup: int = 1
+    speed_timeout: float = 3600.0
     threads: int | None = None
     generate_tokens: int = 64
     generate_out: str | None = None
@@ -275,7 +277,8 @@ def _speed_memory(r: Runnable, stream: Any, cfg: EvalConfig, res: EvalResult) ->
             sp = measure_speed(r, prompt, cfg.new_tokens, cfg.speed_runs, cfg.warmup).to_dict()
         else:
             sp = measure_fresh(spec, r.backend, prompt, cfg.new_tokens, cfg.speed_runs,
-                               cfg.warmup, cfg.threads, r.reopen_options())
+                               cfg.warmup, cfg.threads, r.reopen_options(),
+                               timeout=cfg.speed_timeout)
             res.peak_rss_mb, res.rss_before_load_mb = sp["peak_rss_mb"], sp["rss_before_load_mb"]
             res.peak_cuda_mb = sp.get("peak_cuda_mb")
     res.prefill_tps, res.decode_tps, res.threads = sp["prefill_tps"], sp["decode_tps"], \

@@ -4,7 +4,8 @@ One run = a prefill of a fixed 512-token prompt (BOS + the first 511 tokens of t
 stream) that yields the first new token, then 128 single-token greedy decode steps on the
 backend's own KV cache. ``prefill_tps = prompt tokens / prefill seconds`` and ``decode_tps =
 new tokens / decode seconds``, each the median over ``runs`` runs after ``warmup`` untimed
-runs. Loading is never timed. The thread count the backend computed with is recorded.
+runs (a warm-up run decodes 16 tokens: enough to warm caches and allocators). Loading is
+never timed. The thread count the backend computed with is recorded.
 
 No torch here: :mod:`edgequant.eval.memory` runs this in a fresh process that, for a GGUF
 file, holds only llama.cpp.
@@ -19,6 +20,7 @@ from typing import Any
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 128
+WARMUP_TOKENS = 16
 
 
 @dataclass
@@ -49,8 +51,8 @@ def speed_prompt(stream: Sequence[int] | None, bos_id: int, vocab_size: int,
 def measure_speed(runnable: Any, prompt_ids: Sequence[int], new_tokens: int = NEW_TOKENS,
                   runs: int = 3, warmup: int = 1) -> SpeedResult:
     """Median prefill and decode throughput of ``runnable`` (see the module docstring)."""
-    for _ in range(warmup):
-        runnable.time_generation(prompt_ids, new_tokens)
+    for _ in range(warmup):  # the full prefill, and enough decode steps to warm the cache
+        runnable.time_generation(prompt_ids, min(new_tokens, WARMUP_TOKENS))
     pre, dec = [], []
     for _ in range(max(runs, 1)):
         p, d = runnable.time_generation(prompt_ids, new_tokens)
