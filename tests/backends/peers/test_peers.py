@@ -165,9 +165,6 @@ def test_quantizers_differ_from_each_other(made):
         assert not torch.equal(a.logits(IDS), b.logits(IDS))
 
 
-@pytest.mark.xfail(strict=True, reason="base.py registers `torch` (accepts every source) "
-                   "before `peer`, and registers `peer` only when edgequant.backends.peers is "
-                   "imported; needs register_backend('peer', ...) in base.py before torch")
 def test_open_runnable_recognises_a_peer_folder_by_default(made):
     code = ("import sys; from edgequant.backends.base import open_runnable; "
             "r = open_runnable(sys.argv[1]); print(r.backend); r.close()")
