@@ -81,6 +81,7 @@ def test_regenerates_from_the_db_alone(report_dir: Path) -> None:
 
     from edgequant.cli import app
 
+    assert oct((report_dir / "report.md").stat().st_mode & 0o777) == "0o644"
     before = parse_markdown_table((report_dir / "report.md").read_text())
     for f in ("report.md", "report.html"):
         (report_dir / f).unlink()
@@ -136,6 +137,10 @@ def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
     assert "`smollm2-135m-asis`" in text and "**not** permuted" in text
     assert "576" in text and "falls back" in text
     assert "measured** bits per weight" in text
+    assert "AWQ/SmoothQuant" not in text
+    awq = ResultRow(3, "ef" * 32, 1, "m", "native", "awq", "w4g128", "edgequant", "awq w4g128",
+                    "e", {}, "", None, {})
+    assert any("AWQ/SmoothQuant" in c for c in caveats([awq], Settings()))
 
 
 def test_a_busy_machine_is_a_caveat() -> None:

@@ -58,10 +58,10 @@ def render_report(out_dir: str | Path) -> Path:
     with Store(out, create=False) as store:
         data = collect(store, out)
     md = out / REPORT_MD
-    with atomic_file(md) as tmp:
-        tmp.write_text(to_markdown(data), encoding="utf-8")
-    with atomic_file(out / REPORT_HTML) as tmp:
-        tmp.write_text(to_html(data), encoding="utf-8")
+    for path, text in ((md, to_markdown(data)), (out / REPORT_HTML, to_html(data))):
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.chmod(0o644)  # a report is for reading (the temporary file is 0600)
     return md
 
 
@@ -194,6 +194,7 @@ def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = No
         out.append("Our native artifacts run through `QuantLinear`, which dequantizes each "
                    "weight on every forward pass (exact, no fused low-bit kernels): their "
                    "speed is that of a reference implementation, not of a deployment kernel.")
+    if any(r.kind == "native" and r.method in ("awq", "smoothquant") for r in rows):
         out.append("Per-layer errors of AWQ/SmoothQuant artifacts are measured after fitting "
                    "the per-channel scales those methods fold into the weights "
                    "(‖W′−Ŵ‖/‖W′‖, W′ = diag(r)·W·diag(c) by least squares).")
