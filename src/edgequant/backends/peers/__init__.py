@@ -303,7 +303,8 @@ for _name, _label, _opts, _note in (
      {"algorithm": "rtn", "scheme": "W4A16", "group_size": 64}, ""),
     ("llmc-w8a8", "SmoothQuant (0.8) + int8 per-channel weights, dynamic per-token int8 "
      "activations", {"algorithm": "smoothquant", "scheme": "W8A8", "group_size": None,
-                     "smoothing_strength": 0.8}, ""),
+                     "smoothing_strength": 0.8},
+     "on CPU the reloaded model is decompressed and does not quantize activations (W8A16)"),
 ):
     register(PeerMethod(_name, _LLMC, "llmcompressor", "llmcompressor", _label,
                         _opts, calibrated=_name != "llmc-rtn-w4a16-g64",

@@ -19,9 +19,12 @@ for the duration of ``oneshot`` (and restored after).
 
 ``open`` reloads the folder with transformers' compressed-tensors support. On CPU it has no
 packed int4/int8 kernel: it **decompresses every quantized layer to a dense fp32 weight** on
-the first forward (W8A8 keeps quantizing activations). So the weights at rest are the
-tool's packed format (``size_info``), while the running model holds dense fp32 linears — the
-record's ``runtime`` says so, and memory measurements of these artifacts show it.
+the first forward. For W8A8 that dense model does **not** quantize activations any more (the
+decompressed layers run plain ``Linear.forward``; checked on 0.14.0.1 / compressed-tensors
+0.19.0): on CPU an llmc-w8a8 artifact runs as int8-weight, fp32-activation (W8A16).
+So the weights at rest are the tool's packed format (``size_info``), while the running model
+holds dense fp32 linears — the record's ``runtime`` says so, and memory measurements of these
+artifacts show it.
 """
 
 from __future__ import annotations
@@ -116,13 +119,16 @@ def make(method: PeerMethod, src: Source, out: Path, tokens: torch.Tensor | None
     import json
 
     qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    runtime = ("transformers compressed-tensors: every quantized layer decompressed to a dense "
+               "fp32 weight at the first forward (no CPU kernel for the packed format)")
+    if opts["scheme"] == "W8A8":
+        runtime += "; activations NOT quantized at run time (runs as W8A16 on CPU)"
     return {"config": {"algorithm": opts["algorithm"], "scheme": opts["scheme"],
                        "group_size": opts["group_size"], "ignore": IGNORE,
                        "recipe": [type(m).__name__ for m in recipe],
                        "quantization_config": qc},
             "reload": "native (compressed-tensors), decompressed to dense on CPU",
-            "runtime": "transformers compressed-tensors: every quantized layer decompressed to "
-            "a dense fp32 weight at the first forward (no CPU kernel for the packed format)"}
+            "runtime": runtime}
 
 
 def open(method: PeerMethod, path: Path, record: dict[str, Any],  # noqa: A001
