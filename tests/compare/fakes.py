@@ -86,7 +86,8 @@ def makers(log: Log, fail: set[str] = frozenset(), sleep: float = 0.0) -> dict:
     return {k: make for k in matrix.KINDS}
 
 
-def evaluator(log: Log, sleep: float = 0.0, interrupt_at: str | None = None):
+def evaluator(log: Log, sleep: float = 0.0, interrupt_at: str | None = None,
+              no_speed_at: str | None = None):
     def evaluate(made: Made, ctx: CellContext) -> Evaluation:
         if ctx.cell.label == interrupt_at:
             raise KeyboardInterrupt
@@ -96,5 +97,11 @@ def evaluator(log: Log, sleep: float = 0.0, interrupt_at: str | None = None):
             time.sleep(sleep)
         gens = [{"prompt": f"prompt {i}", "output": f"{ctx.cell.label} says {i} | ok"}
                 for i in range(ctx.settings.generate_prompts)]
-        return Evaluation(res, result_metrics(res, bytes_scored=4000), {"fake": 0.01}, gens)
+        partial = []
+        if ctx.cell.label == no_speed_at:
+            for k in ("prefill_tps", "decode_tps", "peak_rss_mb"):
+                res[k] = None
+            partial.append(("evaluate:speed", TimeoutError("speed subprocess ran over 1800 s")))
+        return Evaluation(res, result_metrics(res, bytes_scored=4000), {"fake": 0.01}, gens,
+                          partial)
     return evaluate

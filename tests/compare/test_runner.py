@@ -162,6 +162,29 @@ def test_evaluation_failure_is_recorded_with_its_step(tmp_path: Path) -> None:
         assert s.count("results") == 4 and s.count("artifacts") == 5  # the artifact is kept
 
 
+def test_a_failed_speed_test_keeps_the_rest_of_the_cell(tmp_path: Path) -> None:
+    from edgequant.report import render_report
+    from edgequant.report.tables import parse_markdown_table
+
+    log = fakes.Log(tmp_path / "log.jsonl")
+    summary = _run(tmp_path / "out", log,
+                   evaluator=fakes.evaluator(log, no_speed_at="rtn w3g128"))
+    assert len(summary.done) == 5 and not summary.failed
+    with Store(tmp_path / "out") as s:
+        assert not s.open_errors()
+        (inc,) = s.incomplete()
+        assert inc.label == "rtn w3g128" and inc.step == "evaluate:speed"
+        assert "over 1800 s" in inc.message and "TimeoutError" in inc.type
+        row = next(r for r in s.results() if r.label == "rtn w3g128")
+        assert row.m("ppl") is not None and row.m("decode_tps") is None
+    md = render_report(tmp_path / "out").read_text()
+    assert "### Incomplete measurements" in md and "evaluate:speed" in md
+    table = {r["method"] + " " + r["scheme"]: r for r in parse_markdown_table(md)}
+    assert table["rtn w3g128"]["decode tok/s"] == "–" and table["rtn w3g128"]["PPL"] != "–"
+    # a re-run does not retry it: the cell is done (--force redoes it)
+    assert len(_run(tmp_path / "out", log).skipped) == 5
+
+
 def test_changed_settings_make_new_cells(tmp_path: Path) -> None:
     log = fakes.Log(tmp_path / "log.jsonl")
     _run(tmp_path / "out", log)

@@ -64,6 +64,8 @@ class Evaluation:
     metrics: dict[str, float | None]
     timings: dict[str, float] = field(default_factory=dict)
     generations: list[dict[str, Any]] = field(default_factory=list)
+    #: measurements that failed while the rest succeeded: (step, exception)
+    partial: list[tuple[str, BaseException]] = field(default_factory=list)
 
 
 class Hooks:
@@ -206,7 +208,7 @@ class Runner:
             metrics = {**ev.metrics, "make_s": made.make_s, "eval_s": eval_s}
             timings = {"make": made.make_s or 0.0, "evaluate": eval_s, **ev.timings}
             store.record_result(h, run_id, artifact_id, started, ev.result, metrics, timings,
-                                ev.generations)
+                                ev.generations, ev.partial)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one failing cell never stops the run
@@ -214,7 +216,9 @@ class Runner:
             self.hooks.cell_finished(cell, "failed", time.perf_counter() - t0,
                                      f"{step}: {type(e).__name__}: {first_line(e)}")
             return False
-        self.hooks.cell_finished(cell, "done", time.perf_counter() - t0)
+        note = "; ".join(f"{st} failed: {type(e).__name__}: {first_line(e)}"
+                         for st, e in ev.partial)
+        self.hooks.cell_finished(cell, "done", time.perf_counter() - t0, note)
         return True
 
     def _made(self, store: Store, run_id: int, ctx: CellContext) -> tuple[Made, int]:
@@ -454,6 +458,8 @@ MAKERS: dict[str, Maker] = {"baseline": make_baseline, "native": make_native, "g
 
 # --- the evaluator ------------------------------------------------------------------------------
 
+SPEED_KEYS = ("prefill_tps", "decode_tps", "threads", "speed", "peak_rss_mb",
+              "rss_before_load_mb", "peak_cuda_mb")
 SCALARS = ("ppl", "nll_mean", "windows", "tokens_scored", "kld_mean", "kld_median", "kld_p99",
            "kld_max", "top1", "ppl_base", "prefill_tps", "decode_tps", "threads", "peak_rss_mb",
            "rss_before_load_mb", "size_bytes", "bits_per_weight", "bits_per_weight_total",
@@ -472,20 +478,37 @@ def evaluate_cell(made: Made, ctx: CellContext) -> Evaluation:
                      prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens,
                      speed_runs=s.speed_runs, warmup=s.warmup, threads=s.threads,
                      generate_tokens=s.generate_tokens, backend=made.backend)
-    metrics = ["ppl", "kld", "speed", "memory", "size"] + (["tasks"] if s.tasks else [])
+    metrics = ["ppl", "kld", "size"] + (["tasks"] if s.tasks else [])
     opts = {"threads": s.threads} if s.threads is not None else {}
+    partial: list[tuple[str, BaseException]] = []
+    gens: list[dict[str, Any]] = []
+    gen_s = 0.0
     with open_runnable(made.path, backend=made.backend, **opts) as r:
         res = evaluate(r, metrics, cfg, progress=ctx.track).to_dict()
-        t0 = time.perf_counter()
-        gens = generate_samples(r, PROMPTS[:s.generate_prompts], s.generate_tokens) \
-            if s.generate_prompts > 0 else []
-        gen_s = time.perf_counter() - t0
         nbytes = ctx.bytes_scored(r)
+        # speed/memory and generations are measured apart: when one of them fails (a speed
+        # subprocess over its time limit on a slow machine), the quality figures still count
+        # and the failure is recorded as this cell's incomplete measurement
+        try:
+            sp = evaluate(r, ["speed", "memory"], cfg).to_dict()
+            res.update({k: sp.get(k) for k in SPEED_KEYS})
+            res["metrics"] = [*res["metrics"], "speed", "memory"]
+            res["timings"] = {**res.get("timings", {}), **sp.get("timings", {})}
+            res["notes"] = [*res.get("notes", []), *sp.get("notes", [])]
+        except Exception as e:  # noqa: BLE001 - recorded with the result
+            partial.append(("evaluate:speed", e))
+        if s.generate_prompts > 0:
+            t0 = time.perf_counter()
+            try:
+                gens = generate_samples(r, PROMPTS[:s.generate_prompts], s.generate_tokens)
+            except Exception as e:  # noqa: BLE001 - recorded with the result
+                partial.append(("evaluate:generate", e))
+            gen_s = time.perf_counter() - t0
     res["generations"] = gens
     timings = {f"eval:{k}": v for k, v in res.get("timings", {}).items()}
     timings["generate"] = gen_s
     return Evaluation(res, result_metrics(res, nbytes), timings,
-                      [{"prompt": g["prompt"], "output": g["output"]} for g in gens])
+                      [{"prompt": g["prompt"], "output": g["output"]} for g in gens], partial)
 
 
 def result_metrics(res: dict[str, Any], bytes_scored: int | None = None

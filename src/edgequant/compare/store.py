@@ -28,7 +28,7 @@ import datetime as _dt
 import json
 import sqlite3
 import traceback as _tb
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,8 +251,11 @@ class Store:
 
     def record_result(self, cell_hash: str, run_id: int, artifact_id: int | None,
                       started: str, evaluation: dict[str, Any], metrics: dict[str, float | None],
-                      timings: dict[str, float], generations: list[dict[str, Any]]) -> int:
-        """Commit a finished cell: its result, metrics, timings and generations, together."""
+                      timings: dict[str, float], generations: list[dict[str, Any]],
+                      partial: Sequence[tuple[str, BaseException]] = ()) -> int:
+        """Commit a finished cell: its result, metrics, timings and generations, together —
+        and the errors of measurements that failed while the rest succeeded (``partial``:
+        ``(step, exception)``; the cell is done, the report lists it as incomplete)."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO results (cell_hash, run_id, artifact_id, started, finished, eval) "
@@ -268,15 +271,22 @@ class Store:
                            "VALUES (?,?,?,?)",
                            [(rid, i, g.get("prompt"), g.get("output"))
                             for i, g in enumerate(generations)])
+            for step, exc in partial:
+                self._insert_error(db, cell_hash, run_id, step, exc)
         return rid
 
     def record_error(self, cell_hash: str, run_id: int, step: str, exc: BaseException) -> None:
-        text = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
         with self.transaction() as db:
-            db.execute("INSERT INTO errors (cell_hash, run_id, step, type, message, traceback, "
-                       "at) VALUES (?,?,?,?,?,?,?)",
-                       (cell_hash, run_id, step, type(exc).__name__, str(exc) or repr(exc),
-                        text, now()))
+            self._insert_error(db, cell_hash, run_id, step, exc)
+
+    @staticmethod
+    def _insert_error(db: sqlite3.Connection, cell_hash: str, run_id: int, step: str,
+                      exc: BaseException) -> None:
+        text = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
+        db.execute("INSERT INTO errors (cell_hash, run_id, step, type, message, traceback, at) "
+                   "VALUES (?,?,?,?,?,?,?)",
+                   (cell_hash, run_id, step, type(exc).__name__, str(exc) or repr(exc), text,
+                    now()))
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -328,6 +338,21 @@ class Store:
                "ON c.hash = e.cell_hash WHERE e.id = (SELECT MAX(id) FROM errors "
                "WHERE cell_hash = e.cell_hash) AND NOT EXISTS (SELECT 1 FROM results "
                "WHERE cell_hash = e.cell_hash)")
+        args: tuple[Any, ...] = ()
+        if eval_hash is not None:
+            sql += " AND c.eval_hash = ?"
+            args = (eval_hash,)
+        return [ErrorRow(r["cell_hash"], r["run_id"], r["model"], r["label"], r["tool"],
+                         r["step"], r["type"], r["message"], r["traceback"], r["at"])
+                for r in self.db.execute(sql + " ORDER BY e.id", args).fetchall()]
+
+    def incomplete(self, eval_hash: str | None = None) -> list[ErrorRow]:
+        """Errors committed with a cell's latest result: measurements that failed in a cell
+        that is otherwise done (e.g. ``evaluate:speed``)."""
+        sql = ("SELECT e.*, c.model, c.label, c.tool FROM errors e JOIN cells c "
+               "ON c.hash = e.cell_hash JOIN results r ON r.id = (SELECT MAX(id) FROM results "
+               "WHERE cell_hash = e.cell_hash) WHERE e.run_id = r.run_id "
+               "AND e.step LIKE 'evaluate:%'")
         args: tuple[Any, ...] = ()
         if eval_hash is not None:
             sql += " AND c.eval_hash = ?"

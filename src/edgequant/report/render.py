@@ -43,6 +43,7 @@ class ReportData:
     rows: list[ResultRow]
     errors: list[ErrorRow]
     excluded: int
+    incomplete: list[ErrorRow] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)  # the runs behind the rows
     figures: list[Figure] = field(default_factory=list)
     picks: list[Pick] = field(default_factory=list)
@@ -79,7 +80,8 @@ def collect(store: Store, out: Path) -> ReportData:
     behind = {r.run_id for r in rows}
     used = [r for r in runs if r["id"] in behind] or [run]
     # host and versions: of the latest run that produced a shown result
-    data = ReportData(out, used[-1], settings, rows, store.open_errors(eh), excluded, used)
+    data = ReportData(out, used[-1], settings, rows, store.open_errors(eh), excluded,
+                      store.incomplete(eh), used)
     data.budgets = list(settings.budgets_mb) if settings.budgets_mb else default_budgets(rows)
     data.picks = recommendations(rows, data.budgets)
     if len({r.model for r in rows}) > 1:
@@ -260,8 +262,12 @@ def to_markdown(data: ReportData) -> str:
     if data.errors:
         L += ["", "### Failed cells", "", "The full tracebacks are in the `errors` table.", ""]
         L.append(markdown(["cell", "model", "method", "tool", "step", "error"],
-                          [[e.cell_hash[:8], e.model, e.label, e.tool, e.step,
-                            f"{e.type}: {_first(e.message)}"] for e in data.errors]))
+                          _error_rows(data.errors)))
+    if data.incomplete:
+        L += ["", "### Incomplete measurements", "", "These cells are in the table; the "
+              "measurement named here failed (its columns show –).", ""]
+        L.append(markdown(["cell", "model", "method", "tool", "step", "error"],
+                          _error_rows(data.incomplete)))
     L += ["", "## Recommendations", ""]
     for p in data.picks:
         L.append(f"- **{p.model} — {p.constraint}:** {_row_name(p.row)} — {p.why}")
@@ -282,6 +288,11 @@ def to_markdown(data: ReportData) -> str:
             L.append("")
     L += ["## Caveats", ""] + [f"- {c}" for c in data.caveats] + [""]
     return "\n".join(L)
+
+
+def _error_rows(errors: list[ErrorRow]) -> list[list[str]]:
+    return [[e.cell_hash[:8], e.model, e.label, e.tool, e.step,
+             f"{e.type}: {_first(e.message)}"] for e in errors]
 
 
 def _pairing_intro(data: ReportData) -> str:
@@ -377,9 +388,12 @@ def to_html(data: ReportData) -> str:
     if data.errors:
         parts.append("<h3>Failed cells</h3>")
         parts.append(_t(["cell", "model", "method", "tool", "step", "error"],
-                        [[x.cell_hash[:8], x.model, x.label, x.tool, x.step,
-                          f"{x.type}: {_first(x.message)}"] for x in data.errors],
-                        table_id="errors"))
+                        _error_rows(data.errors), table_id="errors"))
+    if data.incomplete:
+        parts.append("<h3>Incomplete measurements</h3><p>These cells are in the table; the "
+                     "measurement named here failed (its columns show –).</p>")
+        parts.append(_t(["cell", "model", "method", "tool", "step", "error"],
+                        _error_rows(data.incomplete), table_id="incomplete"))
     parts.append("<h2>Recommendations</h2><ul>" + "".join(
         f"<li><strong>{e(p.model)} — {e(p.constraint)}:</strong> {e(_row_name(p.row))} — "
         f"{e(p.why)}</li>" for p in data.picks) + "</ul>")
