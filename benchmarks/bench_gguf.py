@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true",
                     help="add rows for our GPTQ error-feedback export (calibration data as "
                          "for the imatrix; no llama.cpp counterpart)")
+    ap.add_argument("--gptq-only", action="store_true",
+                    help="with --gptq: only the GPTQ rows (and F32), no ours/llama.cpp pairs")
     ap.add_argument("--measure-identical", action="store_true",
                     help="evaluate llama.cpp's file even when its tensors equal ours")
     ap.add_argument("--workdir", default=None, help="keep the GGUF files here")
@@ -111,13 +113,14 @@ def main() -> None:
     log(f"F32 export {out['timings']['export_F32_s']:.1f}s")
     out["rows"].append({"type": "F32", "imatrix": False, "who": "ours",
                         **measure(f32, f32, args)})
-    t = time.perf_counter()
-    src = eq.evaluate(model, ["ppl"], corpus=args.corpus, ctx=args.ctx,
-                      max_tokens=args.max_tokens, threads=args.threads)
-    out["source_transformers"] = {"ppl": src.ppl, "tokens_scored": src.tokens_scored,
-                                  "eval_s": time.perf_counter() - t}
-    log(f"F32 in llama.cpp ppl {out['rows'][0]['ppl']:.4f}, source in transformers "
-        f"ppl {src.ppl:.4f}")
+    if not args.gptq_only:
+        t = time.perf_counter()
+        src = eq.evaluate(model, ["ppl"], corpus=args.corpus, ctx=args.ctx,
+                          max_tokens=args.max_tokens, threads=args.threads)
+        out["source_transformers"] = {"ppl": src.ppl, "tokens_scored": src.tokens_scored,
+                                      "eval_s": time.perf_counter() - t}
+        log(f"F32 in llama.cpp ppl {out['rows'][0]['ppl']:.4f}, source in transformers "
+            f"ppl {src.ppl:.4f}")
 
     imatrix = None
     if not args.no_imatrix:
@@ -132,7 +135,8 @@ def main() -> None:
         log(f"imatrix {out['timings']['imatrix_s']:.1f}s")
 
     for ftype in args.types:
-        for use_im in ([False] if imatrix is None or ftype in NO_IMATRIX else [False, True]):
+        pairs = [False] if imatrix is None or ftype in NO_IMATRIX else [False, True]
+        for use_im in ([] if args.gptq_only else pairs):
             tag = f"{ftype}{'-imat' if use_im else ''}"
             t = time.perf_counter()
             ours = eq.export(model, work / f"ours-{tag}.gguf", ftype, force=True,
@@ -202,9 +206,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"{t.get('export_F32_s', 0):.1f} s, Q4_K_M export {t.get('export_Q4_K_M_s', 0):.1f} s"
         + (f", imatrix {t['imatrix_s']:.1f} s" if "imatrix_s" in t else "") + ".",
         "",
-        f"The source model in transformers (fp32), same tokens: PPL "
-        f"{out.get('source_transformers', {}).get('ppl', float('nan')):.4f}.",
-        "",
+        *([f"The source model in transformers (fp32), same tokens: PPL "
+           f"{out['source_transformers']['ppl']:.4f}.", ""] if "source_transformers" in out
+          else []),
         "| type | imatrix | quantizer | size MB | bpw lin | bpw all | PPL | KLD | top-1 | "
         "same | quantize s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
