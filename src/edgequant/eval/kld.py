@@ -22,8 +22,11 @@ The head term is exact; the tail term is a stratified (systematic) quadrature of
 Against itself every term is 0, up to the float32 rounding of stored log-probs (≪ 1e-6).
 Measured on SmolLM2-135M (1,022 positions, ctx 512) against the exact full-row KLD, the
 default ``k = 256, m = 128`` (3 KB per position) gives mean KLD within +0.7% (RTN w8, KLD
-0.004), +0.04% (w4g128, 0.60) and −0.01% (w3g128, 2.92); medians and p99 within 0.1–8%;
-merging the whole tail into one bucket instead (no quantile tokens) read 6–10% low.
+0.004), +0.04% (w4g128, 0.60) and −0.01% (w3g128, 2.92); the median within 0.1% and the
+99th percentile within +7.6% (w8), +1.2% (w4), 0.0% (w3) — per-position values carry the
+quadrature's noise, means and medians hardly any. Merging the whole tail into one bucket
+instead (no quantile tokens) read 6–10% low. ``benchmarks/bench_eval.py --kld-check``
+repeats this measurement.
 Top-1 agreement needs only the base's first token and is exact.
 
 Caches live in ``<cache>/kld/`` keyed by the base's weights sha256, its backend, the tokenizer,
