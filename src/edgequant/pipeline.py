@@ -192,7 +192,7 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
         if method.transform is not None:
             method.transform(block, BlockContext(block, i, spec, inputs, kwargs[i], schemes,
                                                  config))
-        stats = _collect(block, schemes, method.needs, inputs, kwargs[i])
+        stats = _collect(block, schemes, method.needs, inputs, kwargs[i], config)
         for path, scheme in schemes.items():
             layer_stats = {k: v.result() for k, v in stats[path].items()}
             layer_stats["n_tokens"] = sum(x.shape[0] * x.shape[1] for x in inputs)
@@ -202,9 +202,11 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
 
 
 def _collect(block: nn.Module, schemes: dict[str, QuantScheme], needs: frozenset[str],
-             inputs: list[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, dict[str, Statistic]]:
+             inputs: list[torch.Tensor], kwargs: dict[str, Any], config: Any = None
+             ) -> dict[str, dict[str, Statistic]]:
     """Run the (not yet quantized) block over the inputs with hooks on its target linears."""
-    stats = {p: make_statistics(needs, block.get_submodule(p).in_features) for p in schemes}
+    stats = {p: make_statistics(needs, block.get_submodule(p).in_features, config)
+             for p in schemes}
     if not any(stats.values()):
         return stats
 

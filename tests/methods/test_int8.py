@@ -42,6 +42,37 @@ def test_static_ranges_are_the_calibration_max(tiny_gemma3):
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
+@pytest.mark.parametrize("observer,percentile", [("percentile", 99.0), ("histogram", 99.0),
+                                                  ("entropy", 99.99), ("mse", 99.99)])
+def test_static_observer_choice_clips_below_the_max(tiny_gemma3, observer, percentile):
+    """A clipping observer's per-tensor range is within min-max's (strictly below for the
+    percentile and entropy choices); the percentile ones land on the percentile of the
+    inputs they saw."""
+    model = wrap(tiny_gemma3)
+    calib = tokens(4)
+    seen = []
+    h = tiny_gemma3.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, a, o: seen.append(a[0].detach().abs().flatten()))
+    model.logits(calib)
+    h.remove()
+    x = torch.cat(seen)
+    q = eq.quantize(model, "static", scheme="w8a8-static", calib=calib, keep_dtype="float32",
+                    observer=observer, percentile=percentile)
+    scale = q.module.model.layers[0].self_attn.q_proj.act_scale.data
+    assert 0 < scale.item() * 127 <= x.max().item() * (1 + 1e-6)
+    if observer != "mse":
+        assert scale.item() * 127 < 0.99 * x.max().item()
+    if observer in ("percentile", "histogram"):
+        want = torch.quantile(x.double(), percentile / 100).item()
+        assert scale.item() * 127 == pytest.approx(want, rel=0.05)
+
+
+def test_static_unknown_observer_is_refused(tiny_llama):
+    with pytest.raises(SchemeError, match="unknown observer 'p99'.*minmax"):
+        eq.quantize(wrap(tiny_llama), "static", scheme="w8a8-static", calib=tokens(4),
+                    observer="p99")
+
+
 def test_static_artifact_round_trip(tiny_llama, tmp_path):
     q = eq.quantize(wrap(tiny_llama), "static", scheme="w8a8-static", calib=tokens(4))
     act = q.module.model.layers[1].mlp.down_proj.act_scale.data

@@ -7,19 +7,23 @@ method      weights                       activations                           
 ``static``  int8 per output channel, RTN  int8 per tensor, range calibrated once     yes
 ==========  ============================  =========================================  ===========
 
-The static range comes from a min-max observer: the largest ``|x|`` any calibration token
-showed at the layer's input (the pipeline's ``act_absmax`` statistic, observed with the
-earlier blocks already quantized). Schemes: ``w8a8`` (dynamic) and ``w8a8-static``; any
+The static range comes from an observer of the layer's calibration inputs (the pipeline's
+``act_range`` statistic, observed with the earlier blocks already quantized): by default
+min-max, the largest ``|x|`` any token showed, as PyTorch's static PTQ does; option
+``observer`` picks ``percentile`` / ``histogram`` (clip at ``percentile``), ``entropy``
+(TensorRT's KL choice), ``mse`` or ``moving-average`` (``observers.stats.ACT_OBSERVERS``). Schemes: ``w8a8`` (dynamic) and ``w8a8-static``; any
 symmetric per-channel integer weight width works (``w4a8``), as the codes fit int8.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import SchemeError
+from ..observers.stats import act_observer
 from ..formats import QuantizedTensor, QuantScheme, quantize_tensor
 from ..nn.w8a8 import check_w8a8_scheme
 from .registry import Method, register_method
@@ -48,12 +52,23 @@ def _static_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.
     return quantize_weight(w, scheme, stats, config)
 
 
+@dataclass(frozen=True)
+class StaticConfig:
+    """Which observer picks each layer's per-tensor activation range."""
+
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        act_observer(self.observer, self.percentile)  # unknown name / bad percentile: refuse now
+
+
 DYNAMIC = register_method(Method(
     "dynamic", _dynamic_weight, module="w8a8_linear", aliases=("int8-dynamic",),
     description="int8 weights per channel, int8 activations per token on the fly (w8a8)"))
 
 STATIC = register_method(Method(
-    "static", _static_weight, needs=frozenset({"act_absmax"}), module="w8a8_linear",
-    aliases=("int8-static",),
+    "static", _static_weight, needs=frozenset({"act_range"}), config_cls=StaticConfig,
+    module="w8a8_linear", aliases=("int8-static",),
     description="int8 weights per channel, int8 activations per tensor with calibrated "
-                "min-max ranges (w8a8-static)"))
+                "ranges (w8a8-static; observer=minmax|percentile|histogram|entropy|mse|…)"))

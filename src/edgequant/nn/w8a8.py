@@ -112,10 +112,12 @@ class W8A8Linear(QuantLinear):
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
                        stats: dict | None = None, config: object = None) -> W8A8Linear:
-        """Static schemes take their activation range from the ``act_absmax`` statistic."""
+        """Static schemes take their activation range from the ``act_range`` statistic (an
+        observer's choice), else from ``act_absmax`` (min-max, as SmoothQuant calibrates)."""
         act_scale = None
         if not qt.scheme.act_dynamic:
-            absmax = (stats or {}).get("act_absmax")
+            stats = stats or {}
+            absmax = stats.get("act_range", stats.get("act_absmax"))
             if absmax is None:
                 raise DataError(f"scheme {qt.scheme.name} needs calibrated activation ranges: "
                                 f"use method static or smoothquant with calibration data")

@@ -8,22 +8,33 @@ and never holds more than its own summary (an ``(in, in)`` Hessian at most).
 | ``hessian``   | H = (2/n) Σ x xᵀ over n tokens, (in, in) | GPTQ               |
 | ``act_absmean`` | mean |x| per input channel, (in,)      | AWQ                |
 | ``act_absmax``  | max |x| per input channel, (in,)       | SmoothQuant        |
+| ``act_range``   | per-tensor max |x| chosen by an observer, (1,) | static int8  |
+
+Accumulators are built with the method's config; ``act_range`` reads its ``observer`` field
+(:data:`ACT_OBSERVERS`), so a static range can be min-max (the default), a percentile, the
+TensorRT entropy choice or the MSE-optimal clip instead of the single largest value.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
-from ..errors import EdgequantError
+from ..errors import EdgequantError, SchemeError
+from .base import Observer
+from .histogram import HistogramObserver
+from .minmax import MinMaxObserver, MovingAverageMinMaxObserver
+from .mse import MSEObserver
+from .percentile import PercentileObserver
 
 
 class Statistic(ABC):
     name: ClassVar[str]
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, config: Any = None) -> None:
         self.in_features = in_features
         self.n = 0
 
@@ -45,7 +56,7 @@ class Statistic(ABC):
 class Hessian(Statistic):
     name = "hessian"
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, config: Any = None) -> None:
         super().__init__(in_features)
         self.H = torch.zeros(in_features, in_features)
 
@@ -62,7 +73,7 @@ class Hessian(Statistic):
 class AbsMean(Statistic):
     name = "act_absmean"
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, config: Any = None) -> None:
         super().__init__(in_features)
         self.total = torch.zeros(in_features, dtype=torch.float64)
 
@@ -76,7 +87,7 @@ class AbsMean(Statistic):
 class AbsMax(Statistic):
     name = "act_absmax"
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, config: Any = None) -> None:
         super().__init__(in_features)
         self.max = torch.zeros(in_features)
 
@@ -87,11 +98,47 @@ class AbsMax(Statistic):
         return self.max
 
 
-STATISTICS: dict[str, type[Statistic]] = {c.name: c for c in (Hessian, AbsMean, AbsMax)}
+#: observer name -> a per-tensor, symmetric observer of activations (``percentile`` from config)
+ACT_OBSERVERS: dict[str, Callable[[float], Observer]] = {
+    "minmax": lambda p: MinMaxObserver(),
+    "moving-average": lambda p: MovingAverageMinMaxObserver(),
+    "percentile": lambda p: PercentileObserver(percentile=p),
+    "histogram": lambda p: HistogramObserver(method="percentile", percentile=p),
+    "entropy": lambda p: HistogramObserver(method="entropy"),
+    "mse": lambda p: MSEObserver(bits=8),
+}
 
 
-def make_statistics(needs: frozenset[str] | set[str], in_features: int) -> dict[str, Statistic]:
+def act_observer(name: str, percentile: float = 99.99) -> Observer:
+    """The activation observer called ``name`` (a clear error lists the choices)."""
+    if name not in ACT_OBSERVERS:
+        raise SchemeError(f"unknown observer {name!r}; choose from {', '.join(ACT_OBSERVERS)}")
+    return ACT_OBSERVERS[name](percentile)
+
+
+class ActRange(Statistic):
+    name = "act_range"
+
+    def __init__(self, in_features: int, config: Any = None) -> None:
+        super().__init__(in_features)
+        self.observer = act_observer(getattr(config, "observer", "minmax"),
+                                     getattr(config, "percentile", 99.99))
+
+    def _update(self, x: torch.Tensor) -> None:
+        self.observer.observe(x)
+
+    def result(self) -> torch.Tensor:
+        lo, hi = self.observer.range()
+        return torch.maximum(lo.abs(), hi.abs()).reshape(1)
+
+
+STATISTICS: dict[str, type[Statistic]] = {c.name: c for c in (Hessian, AbsMean, AbsMax,
+                                                                 ActRange)}
+
+
+def make_statistics(needs: frozenset[str] | set[str], in_features: int,
+                    config: Any = None) -> dict[str, Statistic]:
     unknown = set(needs) - set(STATISTICS) - {"n_tokens"}
     if unknown:
         raise EdgequantError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
-    return {n: STATISTICS[n](in_features) for n in needs if n in STATISTICS}
+    return {n: STATISTICS[n](in_features, config) for n in needs if n in STATISTICS}
