@@ -11,7 +11,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 

@@ -6,14 +6,14 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
-import gguf
 from edgequant.errors import GGUFError
 from edgequant.gguf import mixtures, quants
 from edgequant.gguf.mixtures import FILE_TYPES, TensorInfo, choose_types
-from gguf import GGMLQuantizationType
 
 QT = GGMLQuantizationType
 

@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from edgequant.errors import GGUFError
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from edgequant.errors import GGUFError
 
 __all__ = [
     "FILE_TYPES",

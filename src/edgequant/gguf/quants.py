@@ -28,10 +28,10 @@ import functools
 from typing import ClassVar
 
 import numpy as np
-
-from edgequant.errors import GGUFError
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
+
+from edgequant.errors import GGUFError
 
 __all__ = ["BlockEncoder", "dequantize", "encoder_for", "quantize", "supported_types"]
 

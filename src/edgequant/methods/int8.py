@@ -11,8 +11,9 @@ The static range comes from an observer of the layer's calibration inputs (the p
 ``act_range`` statistic, observed with the earlier blocks already quantized): by default
 min-max, the largest ``|x|`` any token showed, as PyTorch's static PTQ does; option
 ``observer`` picks ``percentile`` / ``histogram`` (clip at ``percentile``), ``entropy``
-(TensorRT's KL choice), ``mse`` or ``moving-average`` (``observers.stats.ACT_OBSERVERS``). Schemes: ``w8a8`` (dynamic) and ``w8a8-static``; any
-symmetric per-channel integer weight width works (``w4a8``), as the codes fit int8.
+(TensorRT's KL choice), ``mse`` or ``moving-average`` (``observers.stats.ACT_OBSERVERS``).
+Schemes: ``w8a8`` (dynamic) and ``w8a8-static``; any symmetric
+per-channel integer weight width works (``w4a8``), as the codes fit int8.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 
 from ..errors import SchemeError
-from ..observers.stats import act_observer
 from ..formats import QuantizedTensor, QuantScheme, quantize_tensor
 from ..nn.w8a8 import check_w8a8_scheme
+from ..observers.stats import act_observer
 from .registry import Method, register_method
 
 
