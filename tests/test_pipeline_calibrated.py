@@ -64,3 +64,26 @@ def test_calibrated_method_with_empty_data_is_refused(tiny_llama):
 def test_empty_or_too_short_calibration(bad):
     with pytest.raises(DataError):
         Calibration(bad)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_captured_inputs_and_kwargs_replay_the_model(fixture, request):
+    """Blocks run one by one on the captured block-0 inputs with the captured keyword
+    arguments (rotary tables, causal and sliding-window masks) give the model's own hidden
+    states — windows of 40 tokens exceed the tiny Gemma 3's sliding window of 16."""
+    from edgequant.models.architectures import block_list
+    from edgequant.pipeline import _block_out, capture_block_inputs
+
+    module = request.getfixturevalue(fixture)
+    blocks = block_list(module)
+    batches = list(torch.randint(0, module.config.vocab_size, (4, 40),
+                                 generator=torch.Generator().manual_seed(3)).split(2))
+    inputs, kwargs = capture_block_inputs(module, blocks, batches)
+    assert len(inputs) == 2 and all(kw for kw in kwargs)
+    for batch, x in zip(batches, inputs, strict=True):
+        with torch.no_grad():
+            want = module(input_ids=batch, output_hidden_states=True).hidden_states
+            for i, block in enumerate(blocks):
+                torch.testing.assert_close(x, want[i])
+                x = _block_out(block(x, **kwargs[i]))
+        assert x.shape == want[-1].shape

@@ -136,27 +136,33 @@ def capture_block_inputs(module: nn.Module, blocks: nn.ModuleList, batches: list
     """Block 0's input for every batch, and each block's keyword arguments.
 
     Keyword arguments (rotary embeddings, masks) depend only on the batch shape, which is
-    the same for every batch, so they are recorded once from a full forward of batch 0.
+    the same for every batch, so they are recorded once from a forward of batch 0 in which
+    every block is stood in for by a stub that records its arguments and passes the hidden
+    states through (the model computes them before its block loop), and the last stub stops
+    the run: no block, final norm or LM head is computed for this.
     """
     kwargs: list[dict[str, Any]] = [{} for _ in blocks]
     inputs: list[torch.Tensor] = []
 
-    def record(i: int) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+    def stub(i: int) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kw: Any) -> torch.Tensor:
+            hidden = args[0] if args else kw["hidden_states"]
+            kwargs[i] = {k: v for k, v in kw.items()
+                         if k not in ("hidden_states", "past_key_values", "past_key_value")}
             kwargs[i]["use_cache"] = False
-            kwargs[i].pop("past_key_values", None)
-            kwargs[i].pop("past_key_value", None)
-        return hook
+            if i == len(blocks) - 1:
+                raise _Stop
+            return hidden
+        return forward
 
-    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True)
-               for i, b in enumerate(blocks)]
+    for i, b in enumerate(blocks):
+        b.forward = stub(i)  # type: ignore[method-assign]
     try:
-        module(input_ids=batches[0], use_cache=False)
+        with contextlib.suppress(_Stop):
+            module(input_ids=batches[0], use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
-
+        for b in blocks:
+            del b.forward
     def catch(mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         inputs.append((args[0] if args else kw["hidden_states"]).detach())
         raise _Stop

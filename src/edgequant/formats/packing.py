@@ -35,12 +35,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per)
         shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * bits
         return (flat << shifts).sum(dim=1).to(torch.uint8)
-    # general b: expand to bits, regroup by 8
-    bit_idx = torch.arange(bits, dtype=torch.int32, device=flat.device)
-    stream = ((flat[:, None] >> bit_idx) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8)).view(-1, 8)
-    return (stream << torch.arange(8, dtype=torch.int32, device=flat.device)).sum(dim=1) \
-        .to(torch.uint8)
+    # other widths: 8 codes fill ``bits`` whole bytes; build each chunk as one int64
+    pad = (-n) % 8
+    chunks = torch.nn.functional.pad(flat, (0, pad)).view(-1, 8).to(torch.int64)
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
+    value = (chunks << shifts).sum(dim=1, keepdim=True)          # (n/8, 1), < 2**56
+    out = (value >> (torch.arange(bits, dtype=torch.int64, device=flat.device) * 8)) & 0xFF
+    return out.reshape(-1)[:packed_nbytes(n, bits)].to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -56,10 +57,17 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         return ((packed[:, None] >> shifts) & mask).reshape(-1)[:n]
-    stream = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    stream = stream.reshape(-1)[: n * bits].view(n, bits).to(torch.int32)
-    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(dim=1) \
-        .to(torch.uint8)
+    # other widths: ``bits`` bytes hold 8 codes; read each chunk as one integer (int32 fits
+    # the 24 bits of 3-bit chunks), then cut out its 8 codes
+    dt = torch.int32 if bits <= 3 else torch.int64
+    chunks = torch.nn.functional.pad(packed, (0, (-packed.numel()) % bits)).view(-1, bits).to(dt)
+    value = chunks[:, 0].clone()
+    for k in range(1, bits):
+        value |= chunks[:, k] << (8 * k)
+    out = torch.empty(value.numel(), 8, dtype=torch.uint8, device=packed.device)
+    for k in range(8):
+        out[:, k] = (value >> (k * bits)) & mask
+    return out.reshape(-1)[:n]
 
 
 def _check_bits(bits: int) -> None:
