@@ -50,6 +50,12 @@ def test_stats_come_from_quantized_predecessors(fixture, request):
     assert stats["n_tokens"] == tokens.numel()
     torch.testing.assert_close(stats["hessian"], 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats["act_absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    # k/v share q's input (and its accumulators); gate/up share theirs; o and down have
+    # inputs of their own
+    for j in (8, 9):
+        torch.testing.assert_close(SEEN[j]["hessian"], stats["hessian"], rtol=0, atol=0)
+    torch.testing.assert_close(SEEN[11]["hessian"], SEEN[12]["hessian"], rtol=0, atol=0)
+    assert not torch.equal(SEEN[10]["hessian"][:4, :4], stats["hessian"][:4, :4])
 
 
 def test_calibrated_method_with_empty_data_is_refused(tiny_llama):

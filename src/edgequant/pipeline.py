@@ -210,22 +210,39 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
 def _collect(block: nn.Module, schemes: dict[str, QuantScheme], needs: frozenset[str],
              inputs: list[torch.Tensor], kwargs: dict[str, Any], config: Any = None
              ) -> dict[str, dict[str, Statistic]]:
-    """Run the (not yet quantized) block over the inputs with hooks on its target linears."""
+    """Run the (not yet quantized) block over the inputs with hooks on its target linears.
+
+    Linears fed the very same input tensor (q/k/v after the attention norm, gate/up after the
+    MLP norm) share one set of accumulators: the first such layer's statistics are aliased to
+    the others, so a Hessian is accumulated once per distinct input instead of once per layer.
+    """
     stats = {p: make_statistics(needs, block.get_submodule(p).in_features, config)
              for p in schemes}
     if not any(stats.values()):
         return stats
+    shared: set[str] = set()                        # paths aliased to an earlier layer's stats
+    fed: list[tuple[torch.Tensor, str]] = []        # this forward's inputs (held: no reuse)
 
     def hook(path: str) -> Callable[..., None]:
         def fn(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if path in shared:
+                return
+            x = args[0]
+            first = next((p for t, p in fed if t is x), None)
+            if first is not None and first != path and stats[first].keys() == stats[path].keys():
+                stats[path] = stats[first]
+                shared.add(path)
+                return
+            fed.append((x, path))
             for s in stats[path].values():
-                s.update(args[0])
+                s.update(x)
         return fn
 
     handles = [block.get_submodule(p).register_forward_hook(hook(p)) for p in schemes]
     try:
         for x in inputs:
             block(x, **kwargs)
+            fed.clear()
     finally:
         for h in handles:
             h.remove()
