@@ -30,11 +30,16 @@ def wrap(module):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
-def test_stats_come_from_quantized_predecessors(fixture, request):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stats_come_from_quantized_predecessors(fixture, dtype, request):
+    """Exact in float32; with bf16 forwards the statistics are still float32 and within
+    bf16 rounding of the exact ones."""
     module = request.getfixturevalue(fixture)
     SEEN.clear()
     tokens = torch.randint(4, 128, (6, 20), generator=torch.Generator().manual_seed(1))
-    q = eq.quantize(wrap(module), "test_probe", scheme="w4g32", calib=tokens)
+    q = eq.quantize(wrap(module), "test_probe", scheme="w4g32",
+                    calib=Calibration(tokens, compute_dtype=dtype))
+    assert q.calibration["compute_dtype"] == dtype
     assert len(SEEN) == 14
     # Recompute block 1 q_proj's inputs by running the *quantized* model: the pipeline fed
     # block 1 with block 0's quantized outputs, and block 1 itself was still unquantized
@@ -48,8 +53,16 @@ def test_stats_come_from_quantized_predecessors(fixture, request):
     x = torch.cat(xs)
     stats = SEEN[7]
     assert stats["n_tokens"] == tokens.numel()
-    torch.testing.assert_close(stats["hessian"], 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(stats["act_absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    assert stats["hessian"].dtype == stats["act_absmean"].dtype == torch.float32
+    if dtype == "float32":
+        torch.testing.assert_close(stats["hessian"], 2 * x.T @ x / x.shape[0], rtol=1e-4,
+                                   atol=1e-5)
+        torch.testing.assert_close(stats["act_absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    else:
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
+        assert 0 < rel(stats["hessian"], 2 * x.T @ x / x.shape[0]) < 2e-2
+        assert rel(stats["act_absmean"], x.abs().mean(0)) < 2e-2
     # k/v share q's input (and its accumulators); gate/up share theirs; o and down have
     # inputs of their own
     for j in (8, 9):
@@ -93,3 +106,13 @@ def test_captured_inputs_and_kwargs_replay_the_model(fixture, request):
                 torch.testing.assert_close(x, want[i])
                 x = _block_out(block(x, **kwargs[i]))
         assert x.shape == want[-1].shape
+
+
+def test_compute_dtype_is_checked_and_recorded():
+    from edgequant.data.calibration import CalibrationSpec, resolve_compute_dtype
+
+    with pytest.raises(DataError, match="auto, float32, bfloat16"):
+        CalibrationSpec(compute_dtype="fp16")
+    assert resolve_compute_dtype("auto") in (torch.float32, torch.bfloat16)
+    assert Calibration(torch.ones(1, 4, dtype=torch.long), compute_dtype="float32").description \
+        == {"compute_dtype": "float32"}

@@ -75,6 +75,9 @@ def quantize(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
     calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    calib_dtype: str = typer.Option("auto", "--calib-dtype", help="Precision of the "
+                                    "calibration forwards: auto (bf16 where the CPU has it), "
+                                    "float32, bfloat16."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -98,7 +101,8 @@ def quantize(
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
-        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed),
+        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed,
+                                                            calib_dtype),
                            inplace=True, progress=_progress_fn(quiet))
         q.save(output, force=force)
         return _info_dict(output)

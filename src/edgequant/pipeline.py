@@ -9,7 +9,8 @@ It knows the order of blocks and layers and what each method asks for, never a m
   quantize the block's linears, and recompute the block's outputs *with the quantized
   weights* to feed the next block. Peak memory is one block plus the calibration
   activations (two copies: inputs and outputs), never a second copy of the model when
-  ``inplace``.
+  ``inplace``. The block forwards run in the calibration's ``compute_dtype`` (bf16 autocast
+  where the CPU has it, see ``data.calibration``); statistics and quantization stay float32.
 """
 
 from __future__ import annotations
@@ -193,18 +194,30 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
         prefix = f"{spec.blocks}.{i}."
         schemes = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         if not schemes:
-            inputs = [_block_out(block(x, **kwargs[i])) for x in inputs]
+            with _compute(calib):
+                inputs = [_block_out(block(x, **kwargs[i])).float() for x in inputs]
             continue
-        if method.transform is not None:
-            method.transform(block, BlockContext(block, i, spec, inputs, kwargs[i], schemes,
-                                                 config))
-        stats = _collect(block, schemes, method.needs, inputs, kwargs[i], config)
+        with _compute(calib):
+            if method.transform is not None:
+                method.transform(block, BlockContext(block, i, spec, inputs, kwargs[i],
+                                                     schemes, config))
+            stats = _collect(block, schemes, method.needs, inputs, kwargs[i], config)
         for path, scheme in schemes.items():
             layer_stats = {k: v.result() for k, v in stats[path].items()}
             layer_stats["n_tokens"] = sum(x.shape[0] * x.shape[1] for x in inputs)
             layers[prefix + path] = _quantize_layer(module, prefix + path, scheme, method,
                                                     config, layer_stats)
-        inputs = [_block_out(block(x, **kwargs[i])) for x in inputs]
+        with _compute(calib):
+            inputs = [_block_out(block(x, **kwargs[i])).float() for x in inputs]
+
+
+def _compute(calib: Calibration) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for the calibration forwards (a no-op in float32). Its weight cache stays off:
+    transforms change weights in place between forwards (AWQ tries candidate scales, folding
+    rescales norms and linears), and a cached bf16 copy would silently keep the old ones."""
+    if calib.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=calib.dtype, cache_enabled=False)
 
 
 def _collect(block: nn.Module, schemes: dict[str, QuantScheme], needs: frozenset[str],

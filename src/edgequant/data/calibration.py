@@ -4,6 +4,14 @@ Windows are drawn from the *second half* of a corpus's token stream, while evalu
 from its start, so calibrating and evaluating on the same corpus (the default, ``wiki``, as
 llama.cpp's imatrix practice does with wiki train/test) never sees the same text twice.
 Each window starts with the tokenizer's BOS token when it has one, as evaluation windows do.
+
+``compute_dtype`` is the precision of the calibration *forward passes* (block outputs, AWQ's
+scale search): ``bfloat16`` runs them under autocast — as the reference GPTQ/AWQ code runs
+its models in fp16/bf16 on a GPU — while every statistic (Hessians, means, ranges) is
+accumulated in float32 and every weight is quantized from its float32 value. ``auto`` (the
+default) picks bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16: ~8x the
+float32 speed on this project's machine) and float32 elsewhere; the choice is recorded in
+the calibration description saved with the artifact.
 """
 
 from __future__ import annotations
@@ -17,6 +25,18 @@ from ..errors import DataError
 from .tokens import as_text_tokenizer, corpus_tokens, sample_windows
 
 DEFAULT_CORPUS = "wiki"
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """``auto`` → bfloat16 when the CPU has native bf16 matmuls, else float32."""
+    if name not in COMPUTE_DTYPES:
+        raise DataError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                        f"not {name!r}")
+    if name == "auto":
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
 
 
 @dataclass
@@ -25,8 +45,11 @@ class Calibration:
 
     tokens: torch.Tensor
     description: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self.dtype = resolve_compute_dtype(self.compute_dtype)
+        self.description = {**self.description, "compute_dtype": str(self.dtype).split(".")[-1]}
         if self.tokens.dim() != 2 or self.tokens.numel() == 0:
             raise DataError(f"calibration data must be a non-empty (samples, tokens) tensor, "
                             f"got shape {tuple(self.tokens.shape)}")
@@ -42,6 +65,10 @@ class CalibrationSpec:
     n: int = 128
     seq_len: int = 512
     seed: int = 0
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        resolve_compute_dtype(self.compute_dtype)  # a bad name fails here, before any work
 
     def build(self, tokenizer: Any) -> Calibration:
         if self.n < 1 or self.seq_len < 2:
@@ -59,10 +86,11 @@ class CalibrationSpec:
         if bos is not None:
             windows = torch.cat([torch.full((self.n, 1), bos, dtype=windows.dtype), windows], 1)
         return Calibration(windows, {**asdict(self), "tokens": int(windows.numel()),
-                                     "source": "second half of the token stream"})
+                                     "source": "second half of the token stream"},
+                           self.compute_dtype)
 
 
 def calibration(corpus: str = DEFAULT_CORPUS, n: int = 128, seq_len: int = 512,
-                seed: int = 0) -> CalibrationSpec:
+                seed: int = 0, compute_dtype: str = "auto") -> CalibrationSpec:
     """A calibration set description, e.g. ``eq.data.calibration("wiki", n=128, seq_len=512)``."""
-    return CalibrationSpec(str(corpus), n, seq_len, seed)
+    return CalibrationSpec(str(corpus), n, seq_len, seed, compute_dtype)

@@ -39,11 +39,13 @@ class Statistic(ABC):
         self.n = 0
 
     def update(self, x: torch.Tensor) -> None:
+        """Add a batch; always in float32, even inside a bf16 autocast region."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         if x.shape[-1] != self.in_features:
             raise EdgequantError(f"{self.name}: expected {self.in_features} features, "
                                  f"got {x.shape[-1]}")
-        self._update(x)
+        with torch.autocast(x.device.type, enabled=False):
+            self._update(x)
         self.n += x.shape[0]
 
     @abstractmethod
