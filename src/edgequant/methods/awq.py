@@ -111,8 +111,12 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
 
 
 def mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    err = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, out,
-                                                                              strict=True))
+    """Mean squared difference; float32 rows summed in float64 (exact enough to rank the
+    grid, and a third of the search's time when every element was cast to float64)."""
+    err = 0.0
+    for a, b in zip(ref, out, strict=True):
+        d = a.float() - b.float()
+        err += float(d.square_().sum(dim=-1).sum(dtype=torch.float64))
     return err / sum(a.numel() for a in ref)
 
 
