@@ -30,6 +30,20 @@ def test_token_budget_splits_batches_without_changing_results():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_last_rows_only_are_the_tails_of_the_full_logits():
+    """``last`` keeps each sequence's own last rows, in batches of mixed lengths (the LM
+    head then runs on fewer positions) and across batch splits."""
+    model = tiny_model()
+    seqs = [list(range(40, 60)), list(range(1, 6)), list(range(100, 133)), [9, 8]]
+    last = [3, 5, 1, 2]
+    for r in (TorchRunnable(model), TorchRunnable(model, batch_tokens=40)):
+        full = r.logits_batch(seqs)
+        tails = r.logits_batch(seqs, last=last)
+        assert [t.shape[0] for t in tails] == last
+        for f, t, n in zip(full, tails, last, strict=True):
+            assert torch.allclose(t, f[-n:], atol=1e-5)
+
+
 def test_task_loglikelihoods_batched_equal_unbatched():
     r = eq.open(tiny_model())
     reqs = [("The cat sat on the", " mat."), ("Question: 2+2?\nAnswer:", " four"),

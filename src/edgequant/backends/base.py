@@ -60,8 +60,11 @@ class Runnable(Protocol):
         """Logits ``(T, V)`` float32 on CPU for one sequence (one window)."""
         ...
 
-    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """``logits`` for several sequences; row ``i`` has ``len(seqs[i])`` rows exactly."""
+    def logits_batch(self, seqs: Sequence[Sequence[int]],
+                     last: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """``logits`` for several sequences; item ``i`` has ``len(seqs[i])`` rows exactly, or
+        only its last ``last[i]`` rows (what scoring a continuation needs: a backend may then
+        skip the output projection for the other positions)."""
         ...
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -127,8 +130,10 @@ class RunnableBase:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        return [self.logits(s) for s in seqs]
+    def logits_batch(self, seqs: Sequence[Sequence[int]],
+                     last: Sequence[int] | None = None) -> list[torch.Tensor]:
+        out = [self.logits(s) for s in seqs]
+        return out if last is None else [o[len(o) - k:] for o, k in zip(out, last, strict=True)]
 
     # A backend provides: _prefill(ids) -> next token (greedy, KV cache filled);
     # _step(token) -> next token (one decode step on the cache).

@@ -91,19 +91,30 @@ class TorchRunnable(RunnableBase):
         return self.module(input_ids=ids, use_cache=False).logits[0].float().cpu()
 
     @torch.inference_mode()
-    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def logits_batch(self, seqs: Sequence[Sequence[int]],
+                     last: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Right-padded batches. A causal model's position ``t`` sees only positions ≤ t, so
         the pad positions after a shorter sequence never influence its rows, and only its
-        own ``len(seq)`` rows are returned: padding never counts."""
+        own ``len(seq)`` rows are returned: padding never counts. With ``last``, the LM head
+        runs only on the batch's last ``K`` positions that cover every row's wanted ones
+        (``logits_to_keep``), sparing most of its (T × vocab) work and memory."""
         out: list[torch.Tensor] = []
+        want = [len(s) for s in seqs] if last is None else list(last)
+        start = 0
         for group in _groups(seqs, self._batch_tokens):
+            keep = want[start:start + len(group)]
+            start += len(group)
             longest = max(len(s) for s in group)
             self._check_length(longest)
             batch = torch.zeros((len(group), longest), dtype=torch.long)
             for i, s in enumerate(group):
                 batch[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-            logits = self.module(input_ids=batch.to(self.device), use_cache=False).logits
-            out.extend(logits[i, :len(s)].float().cpu() for i, s in enumerate(group))
+            k = max(1, max(longest - len(s) + n for s, n in zip(group, keep, strict=True)))
+            logits = self.module(input_ids=batch.to(self.device), use_cache=False,
+                                 logits_to_keep=k).logits
+            for i, (s, n) in enumerate(zip(group, keep, strict=True)):
+                end = len(s) - (longest - k)      # row i's length, in the kept positions
+                out.append(logits[i, end - n:end].float().cpu())
         return out
 
     @torch.inference_mode()

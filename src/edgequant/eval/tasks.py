@@ -56,7 +56,9 @@ def loglikelihoods(runnable: Any, requests: Sequence[tuple[str, str]]) -> list[f
 
     encoded = [request_tokens(runnable, c, x) for c, x in requests]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    logits = runnable.logits_batch([encoded[i][0][:-1] for i in order])
+    logits = runnable.logits_batch([encoded[i][0][:-1] for i in order],
+                                   last=[min(max(1, encoded[i][1]), len(encoded[i][0]) - 1)
+                                         for i in order])
     out = [0.0] * len(encoded)
     for i, rows in zip(order, logits, strict=True):
         full, n_cont = encoded[i]

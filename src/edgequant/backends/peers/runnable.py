@@ -92,9 +92,11 @@ class NoGradPeerRunnable(PeerTorchRunnable):
         with torch.no_grad():
             return TorchRunnable.logits.__wrapped__(self, token_ids)  # type: ignore[attr-defined]
 
-    def logits_batch(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def logits_batch(self, seqs: Sequence[Sequence[int]],
+                     last: Sequence[int] | None = None) -> list[torch.Tensor]:
         with torch.no_grad():
-            return TorchRunnable.logits_batch.__wrapped__(self, seqs)  # type: ignore[attr-defined]
+            return TorchRunnable.logits_batch.__wrapped__(  # type: ignore[attr-defined]
+                self, seqs, last)
 
     def _prefill(self, ids: Sequence[int]) -> int:
         with torch.no_grad():
