@@ -164,6 +164,7 @@ def capture_block_inputs(module: nn.Module, blocks: nn.ModuleList, batches: list
     finally:
         for b in blocks:
             del b.forward
+
     def catch(mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         inputs.append((args[0] if args else kw["hidden_states"]).detach())
         raise _Stop
@@ -195,7 +196,7 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
         schemes = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         if not schemes:
             with _compute(calib):
-                inputs = [_block_out(block(x, **kwargs[i])).float() for x in inputs]
+                inputs = [_block_out(block(x, **kwargs[i])).to(x.dtype) for x in inputs]
             continue
         with _compute(calib):
             if method.transform is not None:
@@ -208,7 +209,7 @@ def _quantize_blocks(module: nn.Module, plan: dict[str, QuantScheme], method: Me
             layers[prefix + path] = _quantize_layer(module, prefix + path, scheme, method,
                                                     config, layer_stats)
         with _compute(calib):
-            inputs = [_block_out(block(x, **kwargs[i])).float() for x in inputs]
+            inputs = [_block_out(block(x, **kwargs[i])).to(x.dtype) for x in inputs]
 
 
 def _compute(calib: Calibration) -> contextlib.AbstractContextManager[Any]:
