@@ -16,6 +16,7 @@ so an interrupted run keeps what it had.
 
     python benchmarks/bench_methods.py                       # every job below
     python benchmarks/bench_methods.py --only gptq:w4g128    # one job
+    python benchmarks/bench_methods.py --append --only static:w8a8-static:observer=entropy
 
 The issue's target: GPTQ ``w4g128`` in ≤ 5 minutes with peak RSS ≤ 3 GB on 2 cores.
 """
@@ -34,9 +35,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 
-JOBS = ("baseline", "rtn:w4g128", "rtn:w3g128", "hqq:w4g64-asym", "hqq:w3g128", "gptq:w4g128",
+JOBS = ("baseline", "rtn:w4g128", "rtn:w3g128", "rtn:w4g128-asym", "rtn:w3g128-asym",
+        "hqq:w4g64-asym", "hqq:w4g128-asym", "hqq:w3g128-asym", "hqq:w3g128", "gptq:w4g128",
         "gptq:w3g128", "awq:w4g128", "awq:w3g128", "smoothquant:w8a8", "dynamic:w8a8",
-        "static:w8a8-static")
+        "static:w8a8-static",
+        "static:w8a8-static:observer=percentile", "static:w8a8-static:observer=entropy",
+        "smoothquant:w8a8-static")
 
 _CHILD = """\
 import json, sys, time
@@ -57,7 +61,8 @@ else:
         calib = CalibrationSpec(n=req["calib_samples"], seq_len=req["calib_len"]).build(
             model.tokenizer)
     t3 = time.perf_counter()
-    q = eq.quantize(model, req["method"], scheme=req["scheme"], calib=calib, inplace=True)
+    q = eq.quantize(model, req["method"], scheme=req["scheme"], calib=calib, inplace=True,
+                    **req["options"])
 t4 = time.perf_counter()
 out = {"import_s": t1 - t0, "load_s": t2 - t1, "calib_s": t3 - t2, "quantize_s": t4 - t3,
        "peak_rss_mb": _peak_rss_mb(), "bits_per_weight": q.summary()["bits_per_weight"],
@@ -72,12 +77,22 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def _literal(text: str) -> Any:
+    """``false`` / ``3`` / ``0.5`` as Python values; anything else stays a string."""
+    try:
+        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
+    except ValueError:
+        return text
+
+
 def run_job(job: str, args: argparse.Namespace) -> dict[str, Any]:
-    method, _, scheme = job.partition(":")
+    method, _, rest = job.partition(":")
+    scheme, _, opts = rest.partition(":")
     scheme = scheme or "fp32"
+    options = {k: _literal(v) for k, v in (o.split("=", 1) for o in opts.split(",") if o)}
     req = {"model": args.model, "method": method, "scheme": scheme,
            "calib_samples": args.calib_samples, "calib_len": args.calib_len,
-           "max_tokens": args.max_tokens}
+           "max_tokens": args.max_tokens, "options": options}
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -85,7 +100,8 @@ def run_job(job: str, args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(req)], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t
-    row: dict[str, Any] = {"job": job, "method": method, "scheme": scheme, "wall_s": wall,
+    row: dict[str, Any] = {"job": job, "method": method, "scheme": scheme, "options": options,
+                           "wall_s": wall,
                            "load_average": os.getloadavg()}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -121,7 +137,9 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
             lines.append(f"| {r['method']} | {r['scheme']} | error: {r['error']} |||||||")
             continue
         top1 = None if r.get("top1") is None else 100 * r["top1"]
-        lines.append(f"| {r['method']} | {r['scheme']} | {f(r['bits_per_weight'], '.3f')} "
+        opts = "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
+        lines.append(f"| {r['method']}{opts} | {r['scheme']} | "
+                     f"{f(r['bits_per_weight'], '.3f')} "
                      f"({r['bits_per_weight_total']:.2f}) | {f(r.get('ppl'), '.3f')} | "
                      f"{f(r.get('kld_mean'), '.4f')} | {f(top1, '.2f')} | "
                      f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | "
@@ -139,6 +157,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192,
                     help="PPL/KLD tokens after quantizing (0: time and memory only)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "methods.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out (a job run again replaces its row)")
     args = ap.parse_args()
     jobs = [j.strip() for j in args.only.split(",") if j.strip()] or list(JOBS)
     meta = {"benchmark": "bench_methods", "model": args.model, "python": sys.version.split()[0],
@@ -146,6 +166,8 @@ def main() -> None:
             "calib_samples": args.calib_samples, "calib_len": args.calib_len,
             "max_tokens": args.max_tokens, "load_average_before": os.getloadavg()}
     rows: list[dict[str, Any]] = []
+    if args.append and args.out.exists():
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["job"] not in jobs]
     for job in jobs:
         row = run_job(job, args)
         rows.append(row)
