@@ -338,13 +338,7 @@ class Store:
                "ON c.hash = e.cell_hash WHERE e.id = (SELECT MAX(id) FROM errors "
                "WHERE cell_hash = e.cell_hash) AND NOT EXISTS (SELECT 1 FROM results "
                "WHERE cell_hash = e.cell_hash)")
-        args: tuple[Any, ...] = ()
-        if eval_hash is not None:
-            sql += " AND c.eval_hash = ?"
-            args = (eval_hash,)
-        return [ErrorRow(r["cell_hash"], r["run_id"], r["model"], r["label"], r["tool"],
-                         r["step"], r["type"], r["message"], r["traceback"], r["at"])
-                for r in self.db.execute(sql + " ORDER BY e.id", args).fetchall()]
+        return self._error_rows(sql, eval_hash)
 
     def incomplete(self, eval_hash: str | None = None) -> list[ErrorRow]:
         """Errors committed with a cell's latest result: measurements that failed in a cell
@@ -353,6 +347,10 @@ class Store:
                "ON c.hash = e.cell_hash JOIN results r ON r.id = (SELECT MAX(id) FROM results "
                "WHERE cell_hash = e.cell_hash) WHERE e.run_id = r.run_id "
                "AND e.step LIKE 'evaluate:%'")
+        return self._error_rows(sql, eval_hash)
+
+    def _error_rows(self, sql: str, eval_hash: str | None) -> list[ErrorRow]:
+        """Run an ``errors e JOIN cells c`` query, optionally for one evaluation hash."""
         args: tuple[Any, ...] = ()
         if eval_hash is not None:
             sql += " AND c.eval_hash = ?"
