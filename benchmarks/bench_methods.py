@@ -77,18 +77,12 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _literal(text: str) -> Any:
-    """``false`` / ``3`` / ``0.5`` as Python values; anything else stays a string."""
-    try:
-        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
-    except ValueError:
-        return text
-
-
 def run_job(job: str, args: argparse.Namespace) -> dict[str, Any]:
     method, _, rest = job.partition(":")
     scheme, _, opts = rest.partition(":")
     scheme = scheme or "fp32"
+    from edgequant.cli import _literal  # --set's parsing: true/false, numbers, else strings
+
     options = {k: _literal(v) for k, v in (o.split("=", 1) for o in opts.split(",") if o)}
     req = {"model": args.model, "method": method, "scheme": scheme,
            "calib_samples": args.calib_samples, "calib_len": args.calib_len,
