@@ -9,26 +9,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EdgequantError
 from .formats import QuantizedTensor, QuantScheme
 from .models.model import Model
 from .nn.recipe import Recipe
 
+if TYPE_CHECKING:
+    import torch
+
 __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
            "evaluate", "export", "load", "open", "quantize", "__version__"]
 
 
-def load(source: str | Path) -> Model:
-    """Load a model: a zoo name, an HF folder, a hub id, a ``.gguf`` file, or an artifact."""
+def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
+    """Load a model: a zoo name, an HF folder, a hub id, a ``.gguf`` file, or an artifact.
+
+    ``dtype`` is the dtype of its unquantized float weights (default float32); quantized
+    layers keep their stored codes and scales whatever it is.
+    """
+    import torch
+
     from .models.artifact import is_artifact, load_artifact
     from .models.sources import load_source
 
+    dtype = dtype or torch.float32
     if is_artifact(source):
-        return load_artifact(source)
-    src = load_source(source)
+        return load_artifact(source, dtype)
+    src = load_source(source, dtype)
     return Model(src.model, src.tokenizer,
                  {"name": src.name, "path": str(src.path), "sha256": src.sha256,
                   "kind": src.kind})

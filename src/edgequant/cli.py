@@ -300,6 +300,9 @@ def eval_cmd(
     generate_out: Path | None = typer.Option(None, "--generate-out", help="JSON file for "
                                              "the generations."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads."),
+    speed_dtype: str = typer.Option("auto", "--speed-dtype", help="dtype a torch model runs "
+                                    "in for speed/memory: auto (bfloat16 where the CPU has "
+                                    "native bf16) | float32 | bfloat16."),
     backend: str | None = typer.Option(None, "--backend", help="torch | llama.cpp (default: "
                                        "llama.cpp for .gguf files, torch otherwise)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -316,7 +319,7 @@ def eval_cmd(
         (["tasks"] if tasks else [])
     options = dict(corpus=corpus, ctx=ctx, max_tokens=max_tokens, ppl_half=ppl_half,
                    kld_base=kld_base, kld_topk=kld_topk, limit=limit, threads=threads,
-                   tasks=tasks or (), backend=backend,
+                   speed_dtype=speed_dtype, tasks=tasks or (), backend=backend,
                    generate_out=str(generate_out) if generate_out else None)
     res = _run(lambda: evaluate(model, metrics, progress=_progress_fn(quiet or as_json),
                                 **options)).to_dict()

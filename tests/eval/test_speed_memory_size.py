@@ -100,3 +100,28 @@ def test_evaluate_everything_on_a_saved_artifact(tmp_path, monkeypatch):
     saved = json.loads(gen.read_text())
     assert len(saved["samples"]) == 5 and saved["samples"][0]["chat_template"] is True
     assert saved["samples"][0]["input"].startswith("<s>user: ")
+
+
+def test_speed_runs_in_the_deployment_dtype(tmp_path):
+    """``speed_dtype`` reopens a torch model in bf16 with 4-bit layers on the fused kernel;
+    its logits stay within bf16 error of the float32 model's."""
+    from edgequant.compute import native_bf16
+    from edgequant.errors import EvaluationError
+
+    art = eq.quantize(tiny_model(), "rtn", scheme="w4g32").save(tmp_path / "art")
+    with eq.open(str(art)) as exact, eq.open(str(art), dtype="bfloat16") as fast:
+        assert exact.runtime == {"dtype": "float32", "device": "cpu", "int4_kernel_layers": 0}
+        # q, o, gate, up, down of 2 blocks; k/v have 32 rows, under the kernel's 64-row block
+        assert fast.runtime["dtype"] == "bfloat16" and fast.runtime["int4_kernel_layers"] == 10
+        ids = exact.tokenize("Some plain English text")
+        want = exact.logits(ids)
+        assert (fast.logits(ids) - want).norm() / want.norm() < 3e-2
+        assert fast.generate(ids, 4, stop_at_eos=False) != []
+    res = eq.evaluate(str(art), ["speed"], prompt_tokens=16, new_tokens=4, speed_runs=1,
+                      warmup=0, threads=1)
+    assert res.speed["runtime"]["dtype"] == ("bfloat16" if native_bf16() else "float32")
+    res = eq.evaluate(str(art), ["speed"], prompt_tokens=16, new_tokens=4, speed_runs=1,
+                      warmup=0, threads=1, speed_dtype="float32")
+    assert res.speed["runtime"]["int4_kernel_layers"] == 0
+    with pytest.raises(EvaluationError, match="speed_dtype must be one of"):
+        eq.evaluate(str(art), ["speed"], speed_dtype="fp16")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..compute import dtype_name, resolve_compute_dtype
 from ..data.tokens import HFTextTokenizer
 from ..errors import ModelLoadError
 from ..models.model import Model
@@ -58,6 +59,21 @@ class TorchRunnable(RunnableBase):
     @property
     def threads(self) -> int:  # type: ignore[override]
         return torch.get_num_threads()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's unquantized float weights: what it computes in."""
+        emb = self.module.get_input_embeddings()
+        return emb.weight.dtype if emb is not None else torch.float32  # type: ignore[no-any-return]
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """How it computes (recorded with speed results)."""
+        from ..nn.int4_cpu import Int4CpuLinear
+
+        return {"dtype": dtype_name(self.dtype), "device": self.device.type,
+                "int4_kernel_layers": sum(isinstance(m, Int4CpuLinear)
+                                          for m in self.module.modules())}
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +202,8 @@ class TorchRunnable(RunnableBase):
         return str(target)
 
     def reopen_options(self) -> dict[str, Any]:
-        return {"threads": self.threads, "device": self.device.type}
+        return {"threads": self.threads, "device": self.device.type,
+                "dtype": dtype_name(self.dtype)}
 
     def close(self) -> None:
         self._past = None
@@ -223,12 +240,15 @@ def _local_path(spec: str | None) -> Path | None:
 
 
 def open_torch(source: Any, device: str | None = None, threads: int | None = None,
-               **options: Any) -> TorchRunnable:
+               dtype: str | None = None, **options: Any) -> TorchRunnable:
     """Open ``source`` (a ``Model`` or anything ``eq.load`` takes) as a TorchRunnable.
 
     A model opened here (not a given ``Model``) goes to CUDA when present, unless
     ``device`` says otherwise. ``threads`` sets torch's intra-op threads for this process
-    (``torch.set_num_threads``) — asked for explicitly, never by default.
+    (``torch.set_num_threads``) — asked for explicitly, never by default. ``dtype``
+    (``float32`` by default, ``bfloat16``, or ``auto``: see :mod:`edgequant.compute`) is
+    the dtype it computes in; in bfloat16 on CPU, 4-bit layers run on torch's fused int4
+    kernel (:mod:`edgequant.nn.int4_cpu`), so the model is for inference only.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -236,10 +256,15 @@ def open_torch(source: Any, device: str | None = None, threads: int | None = Non
         return TorchRunnable(source, **options)
     from .. import load
 
-    model = load(source)
+    dt = resolve_compute_dtype(dtype or "float32", ModelLoadError, "the torch backend's dtype")
+    model = load(source, dt)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev != "cpu":
         model.module.to(dev)  # pragma: no cover - GPU only
+    elif dt == torch.bfloat16:
+        from ..nn.int4_cpu import prepare_for_inference
+
+        prepare_for_inference(model.module)
     spec = str(Path(source).expanduser().resolve()) if isinstance(source, os.PathLike) or (
         isinstance(source, str) and Path(source).expanduser().exists()) else str(source)
     return TorchRunnable(model, reopen=spec, **options)

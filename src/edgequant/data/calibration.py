@@ -21,22 +21,14 @@ from typing import Any
 
 import torch
 
+from .. import compute
 from ..errors import DataError
 from .tokens import as_text_tokenizer, corpus_tokens, sample_windows
 
 DEFAULT_CORPUS = "wiki"
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-
-
 def resolve_compute_dtype(name: str) -> torch.dtype:
-    """``auto`` → bfloat16 when the CPU has native bf16 matmuls, else float32."""
-    if name not in COMPUTE_DTYPES:
-        raise DataError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                        f"not {name!r}")
-    if name == "auto":
-        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-        return torch.bfloat16 if native else torch.float32
-    return getattr(torch, name)
+    """The calibration forwards' dtype (see :mod:`edgequant.compute`)."""
+    return compute.resolve_compute_dtype(name, DataError, "calibration compute dtype")
 
 
 @dataclass
@@ -49,7 +41,7 @@ class Calibration:
 
     def __post_init__(self) -> None:
         self.dtype = resolve_compute_dtype(self.compute_dtype)
-        self.description = {**self.description, "compute_dtype": str(self.dtype).split(".")[-1]}
+        self.description = {**self.description, "compute_dtype": compute.dtype_name(self.dtype)}
         if self.tokens.dim() != 2 or self.tokens.numel() == 0:
             raise DataError(f"calibration data must be a non-empty (samples, tokens) tensor, "
                             f"got shape {tuple(self.tokens.shape)}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Runnable, open_runnable
+from ..compute import resolve_compute_dtype
 from ..errors import EvaluationError
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
@@ -44,6 +45,11 @@ class EvalConfig:
         seed: for the task subset.
         prompt_tokens, new_tokens, speed_runs, warmup: the speed protocol.
         speed_timeout: seconds the speed/memory subprocess may run.
+        speed_dtype: the dtype a torch model is reopened in for speed and memory
+            (``auto``: bfloat16 where the CPU multiplies it natively — what a deployment
+            would use, with 4-bit layers on the fused int4 kernel — else float32;
+            ``float32``; ``bfloat16``). Accuracy metrics always compute in the dtype the
+            model was opened in (float32 by default).
         threads: CPU threads (None: the backend's default; recorded either way).
         generate_tokens: new tokens per generation prompt.
         generate_out: JSON file for the generations (None: kept in the result only).
@@ -65,6 +71,7 @@ class EvalConfig:
     speed_runs: int = 3
     warmup: int = 1
     speed_timeout: float = 3600.0
+    speed_dtype: str = "auto"
     threads: int | None = None
     generate_tokens: int = 64
     generate_out: str | None = None
@@ -276,8 +283,11 @@ def _speed_memory(r: Runnable, stream: Any, cfg: EvalConfig, res: EvalResult) ->
                              "in this process, memory not measured")
             sp = measure_speed(r, prompt, cfg.new_tokens, cfg.speed_runs, cfg.warmup).to_dict()
         else:
+            options = r.reopen_options()
+            if "dtype" in options:  # a torch model: reopened in the deployment dtype
+                options["dtype"] = cfg.speed_dtype
             sp = measure_fresh(spec, r.backend, prompt, cfg.new_tokens, cfg.speed_runs,
-                               cfg.warmup, cfg.threads, r.reopen_options(),
+                               cfg.warmup, cfg.threads, options,
                                timeout=cfg.speed_timeout)
             res.peak_rss_mb, res.rss_before_load_mb = sp["peak_rss_mb"], sp["rss_before_load_mb"]
             res.peak_cuda_mb = sp.get("peak_cuda_mb")
@@ -300,7 +310,9 @@ def _config(config: EvalConfig | None, options: dict[str, Any]) -> EvalConfig:
         options["tasks"] = tuple(t for t in options["tasks"].split(",") if t)
     elif options.get("tasks") is not None:
         options["tasks"] = tuple(options["tasks"])
-    return dataclasses.replace(cfg, **options)
+    cfg = dataclasses.replace(cfg, **options)
+    resolve_compute_dtype(cfg.speed_dtype, EvaluationError, "speed_dtype")
+    return cfg
 
 
 def _open_options(cfg: EvalConfig) -> dict[str, Any]:

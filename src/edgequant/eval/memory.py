@@ -114,6 +114,7 @@ def child_main(request_path: str) -> None:
     runnable = open_runnable(req["spec"], backend=req["backend"], **req["options"])
     load_s = time.perf_counter() - t0
     try:
+        runtime = getattr(runnable, "runtime", None)
         speed = measure_speed(runnable, req["prompt"], req["new_tokens"], req["runs"],
                               req["warmup"])
     finally:
@@ -121,6 +122,7 @@ def child_main(request_path: str) -> None:
     out = {**speed.to_dict(), "peak_rss_mb": _peak_rss_mb(), "rss_before_load_mb": before,
            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "load_s": load_s, "peak_cuda_mb": None, "pid": os.getpid(),
+           "runtime": runtime,
            "torch_imported": "torch" in sys.modules}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():  # pragma: no cover - GPU only

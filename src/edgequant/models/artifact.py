@@ -141,7 +141,7 @@ def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise ArtifactError(f"{weights} is not a readable safetensors file: {e}") from None
 
 
-def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
+def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """The model's modules with QuantLinear in place, weights uninitialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -157,7 +157,7 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, rec in manifest["layers"].items():
         layer = module_class(rec.get("module", "quant_linear")).skeleton(rec, where=name)
         try:
@@ -168,8 +168,9 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
     return module
 
 
-def load_artifact(path: str | Path) -> Model:
-    """Load a native artifact folder, validating it before reading tensor data."""
+def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:
+    """Load a native artifact folder, validating it before reading tensor data; its
+    unquantized float tensors become ``dtype``."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -181,7 +182,7 @@ def load_artifact(path: str | Path) -> Model:
     if sha256_file(weights) != manifest["files"].get(WEIGHTS):
         raise ArtifactError(f"{weights} does not match the checksum in {MANIFEST}: the file "
                             f"is corrupt or was modified; re-create the artifact")
-    module = _skeleton(path, manifest)
+    module = _skeleton(path, manifest, dtype)
     keep = getattr(torch, recipe.keep_dtype)
     tied = manifest.get("tied", {})
     qnames = {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantLinear)
@@ -190,7 +191,7 @@ def load_artifact(path: str | Path) -> Model:
                 for k, t in module.state_dict().items() if k not in tied}
     validate_layout(_header(weights), expected, str(weights))
     state = safetensors.torch.load_file(str(weights))
-    state = {k: v.to(torch.float32) if v.is_floating_point() and k not in qnames else v
+    state = {k: v.to(dtype) if v.is_floating_point() and k not in qnames else v
              for k, v in state.items()}
     for name, twin in tied.items():
         state[name] = state[twin]
