@@ -3,8 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from edgequant.formats import quantize_tensor
-from edgequant.nn.int4_cpu import (FUSED_MAX_ROWS, Int4CpuLinear, kernel_group,
-                                   prepare_for_inference, unpack_kernel_layout)
+from edgequant.nn.int4_cpu import (
+    FUSED_MAX_ROWS,
+    Int4CpuLinear,
+    kernel_group,
+    prepare_for_inference,
+    unpack_kernel_layout,
+)
 from edgequant.nn.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
