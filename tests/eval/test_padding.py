@@ -1,5 +1,6 @@
 """Batching pads on the right; padding must never change or count toward any score."""
 
+import pytest
 import torch
 
 import edgequant as eq
@@ -48,6 +49,47 @@ def test_task_loglikelihoods_batched_equal_unbatched():
     r = eq.open(tiny_model())
     reqs = [("The cat sat on the", " mat."), ("Question: 2+2?\nAnswer:", " four"),
             ("x", " a much longer continuation than the others, to force padding")]
-    batched = loglikelihoods(r, reqs)
-    single = [loglikelihoods(r, [q])[0] for q in reqs]
-    assert batched == __import__("pytest").approx(single, abs=1e-4)
+    batched = loglikelihoods(r, [reqs])[0]
+    single = [loglikelihoods(r, [[q]])[0][0] for q in reqs]
+    assert batched == pytest.approx(single, abs=1e-4)
+
+
+# (prefix, branches, rows wanted per branch): a shared context; a branch that is empty and
+# one whose wanted rows reach back into the prefix; no shared prefix at all
+TREES = [([5, 9, 11, 40, 41, 42], [[7, 8, 9], [3], [60, 61, 62, 63, 64]], [2, 1, 5]),
+         ([1, 2, 3, 4, 5, 6, 7, 8], [[], [9, 10]], [3, 4]),
+         ([], [[20, 21, 22], [30, 31]], [3, 1])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("batch_tokens", [4096, 24])
+def test_shared_prefix_logits_equal_each_sequence_on_its_own(arch, batch_tokens, request):
+    """One tree row per item (prefix once, branches after it, a mask and positions that
+    isolate the branches) gives each branch the logits of ``prefix + branch`` alone."""
+    from edgequant.models.model import Model
+
+    module = tiny_model().module if arch == "llama" else request.getfixturevalue("tiny_gemma3")
+    if arch == "gemma3":
+        module.config.sliding_window = 64  # longer than every sequence: the tree path runs
+    r = TorchRunnable(Model(module, tiny_model().tokenizer, {"name": arch}),
+                      batch_tokens=batch_tokens)
+    got = r.logits_shared([(p, bs) for p, bs, _ in TREES], [k for *_, k in TREES])
+    for (prefix, branches, keep), rows in zip(TREES, got, strict=True):
+        assert len(rows) == len(branches)
+        for b, k, row in zip(branches, keep, rows, strict=True):
+            want = r.logits([*prefix, *b])[-k:]
+            assert row.shape == want.shape
+            torch.testing.assert_close(row, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_sliding_window_reached_takes_the_plain_path(tiny_gemma3):
+    """Gemma 3's sliding layers see at most ``sliding_window`` positions back; the tree
+    mask has no window, so sequences that reach it are scored one by one (still exact)."""
+    from edgequant.models.model import Model
+
+    assert tiny_gemma3.config.sliding_window == 16
+    r = TorchRunnable(Model(tiny_gemma3, tiny_model().tokenizer, {"name": "g"}))
+    prefix, branches = list(range(3, 20)), [[30, 31, 32], [40]]
+    got = r.logits_shared([(prefix, branches)], [[3, 1]])[0]
+    for b, k, row in zip(branches, [3, 1], got, strict=True):
+        torch.testing.assert_close(row, r.logits([*prefix, *b])[-k:], atol=2e-5, rtol=1e-4)

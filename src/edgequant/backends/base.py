@@ -67,6 +67,13 @@ class Runnable(Protocol):
         skip the output projection for the other positions)."""
         ...
 
+    def logits_shared(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        """For each ``(prefix, branches)``: the last ``last[i][j]`` rows of ``logits(prefix +
+        branches[j])`` — what scoring the choices of one multiple-choice item needs. A
+        backend may compute each prefix once (the torch backend does)."""
+        ...
+
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                  stop_at_eos: bool = True) -> list[int]:
         """Greedy generation with a KV cache; returns the new tokens only."""
@@ -134,6 +141,12 @@ class RunnableBase:
                      last: Sequence[int] | None = None) -> list[torch.Tensor]:
         out = [self.logits(s) for s in seqs]
         return out if last is None else [o[len(o) - k:] for o, k in zip(out, last, strict=True)]
+
+    def logits_shared(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        flat = [[*prefix, *b] for prefix, branches in trees for b in branches]
+        rows = iter(self.logits_batch(flat, last=[n for wanted in last for n in wanted]))
+        return [[next(rows) for _ in branches] for _, branches in trees]
 
     # A backend provides: _prefill(ids) -> next token (greedy, KV cache filled);
     # _step(token) -> next token (one decode step on the cache).

@@ -134,6 +134,71 @@ class TorchRunnable(RunnableBase):
         return out
 
     @torch.inference_mode()
+    def logits_shared(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        """Each prefix computed once: a tree ``prefix + branch₀ + branch₁ + …`` is one row
+        whose attention mask lets a branch token see the prefix and its own branch only,
+        with position ids that restart each branch where the prefix ends — the same
+        attention, positions and so logits (to float rounding) as ``prefix + branchⱼ`` on its
+        own. Choices of a multiple-choice item share their context, so this cuts task
+        scoring's work by about the number of choices. A sliding-window model whose
+        sequences reach its window takes the plain path (the tree mask has no window)."""
+        longest = max((len(p) + len(b) for p, bs in trees for b in bs), default=0)
+        window = getattr(self.module.config.get_text_config(), "sliding_window", None)
+        if window is not None and longest >= window:
+            return super().logits_shared(trees, last)
+        self._check_length(longest)
+        rows = [[*p, *(t for b in bs for t in b)] for p, bs in trees]
+        out: list[list[torch.Tensor]] = [[] for _ in trees]
+        order = sorted(range(len(trees)), key=lambda i: -len(rows[i]))
+        start = 0
+        for group in _groups([rows[i] for i in order], self._batch_tokens):
+            idx = order[start:start + len(group)]
+            start += len(group)
+            self._tree_forward([trees[i] for i in idx], [last[i] for i in idx],
+                               [out[i] for i in idx])
+        return out
+
+    def _tree_forward(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]], into: list[list[torch.Tensor]]) -> None:
+        """One forward over a batch of tree rows (right-padded); appends each branch's
+        wanted logits to ``into[i]``."""
+        width = max(len(p) + sum(len(b) for b in bs) for p, bs in trees)
+        n = len(trees)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        seg = torch.full((n, width), -2, dtype=torch.long)   # -1 prefix, j branch j, -2 pad
+        wanted: list[list[list[int]]] = []
+        for r, ((prefix, branches), keep) in enumerate(zip(trees, last, strict=True)):
+            p = len(prefix)
+            toks, ps, sg = list(prefix), list(range(p)), [-1] * p
+            per_branch = []
+            for j, (b, k) in enumerate(zip(branches, keep, strict=True)):
+                offset = len(toks)
+                toks += b
+                ps += range(p, p + len(b))
+                sg += [j] * len(b)
+                end = p + len(b)   # positions end - k … end - 1 of prefix + b
+                per_branch.append([t if t < p else offset + t - p for t in range(end - k, end)])
+            ids[r, :len(toks)] = torch.tensor(toks)
+            pos[r, :len(ps)] = torch.tensor(ps)
+            seg[r, :len(sg)] = torch.tensor(sg)
+            wanted.append(per_branch)
+        see = (pos[:, None, :] <= pos[:, :, None]) & \
+            ((seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None]))
+        dtype = self.dtype
+        mask = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)
+        keep_idx = sorted({t for per in wanted for w in per for t in w})
+        column = {t: c for c, t in enumerate(keep_idx)}
+        logits = self.module(input_ids=ids.to(self.device),
+                             attention_mask=mask[:, None].to(self.device),
+                             position_ids=pos.to(self.device), use_cache=False,
+                             logits_to_keep=torch.tensor(keep_idx, device=self.device)).logits
+        for r, per_branch in enumerate(wanted):
+            for w in per_branch:
+                into[r].append(logits[r, [column[t] for t in w]].float().cpu())
+
+    @torch.inference_mode()
     def _prefill(self, ids: Sequence[int]) -> int:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         res = self.module(input_ids=x, use_cache=True, logits_to_keep=1)

@@ -50,24 +50,45 @@ def request_tokens(runnable: Any, context: str, continuation: str) -> tuple[list
     return full, len(cont)
 
 
-def loglikelihoods(runnable: Any, requests: Sequence[tuple[str, str]]) -> list[float]:
-    """Sum of continuation log-probs for each ``(context, continuation)``."""
+def loglikelihoods(runnable: Any, items: Sequence[Sequence[tuple[str, str]]]
+                   ) -> list[list[float]]:
+    """Sum of continuation log-probs of each ``(context, continuation)``, per item.
+
+    An item's requests are scored as one tree (:meth:`Runnable.logits_shared`): their
+    longest common token prefix (the shared context) and each request's rest, so a backend
+    can compute the context once.
+    """
     import torch
 
-    encoded = [request_tokens(runnable, c, x) for c, x in requests]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    logits = runnable.logits_batch([encoded[i][0][:-1] for i in order],
-                                   last=[min(max(1, encoded[i][1]), len(encoded[i][0]) - 1)
-                                         for i in order])
-    out = [0.0] * len(encoded)
-    for i, rows in zip(order, logits, strict=True):
-        full, n_cont = encoded[i]
-        if n_cont == 0:
-            continue
-        targets = torch.tensor(full[-n_cont:], dtype=torch.long)
-        lp = torch.log_softmax(rows[-n_cont:].double(), dim=-1)
-        out[i] = float(lp.gather(1, targets[:, None]).sum())
+    encoded = [[request_tokens(runnable, c, x) for c, x in item] for item in items]
+    trees, last = [], []
+    for item in encoded:
+        seqs = [full[:-1] for full, _ in item]
+        p = _common_prefix(seqs)
+        trees.append((seqs[0][:p], [s[p:] for s in seqs]))
+        last.append([min(max(1, n), len(full) - 1) for full, n in item])
+    logits = runnable.logits_shared(trees, last)
+    out: list[list[float]] = []
+    for item, rows_per_request in zip(encoded, logits, strict=True):
+        out.append([])
+        for (full, n_cont), rows in zip(item, rows_per_request, strict=True):
+            if n_cont == 0:
+                out[-1].append(0.0)
+                continue
+            targets = torch.tensor(full[-n_cont:], dtype=torch.long)
+            lp = torch.log_softmax(rows[-n_cont:].double(), dim=-1)
+            out[-1].append(float(lp.gather(1, targets[:, None]).sum()))
     return out
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``seqs``."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -83,13 +104,8 @@ def score_items(runnable: Any, items: Sequence[MCItem], progress: Progress | Non
     bar = track(range(len(items)), len(items), what)
     ticks = iter(bar)
     for chunk in chunks:
-        reqs = [(c, x) for it in chunk for c, x in zip(it.contexts, it.continuations,
-                                                        strict=True)]
-        lls = loglikelihoods(runnable, reqs)
-        pos = 0
-        for it in chunk:
-            ll = lls[pos:pos + len(it.contexts)]
-            pos += len(it.contexts)
+        reqs = [list(zip(it.contexts, it.continuations, strict=True)) for it in chunk]
+        for it, ll in zip(chunk, loglikelihoods(runnable, reqs), strict=True):
             hits["acc"].append(float(_argmax(ll) == it.gold))
             if it.norm_texts is not None:
                 chars = [v / len(t) for v, t in zip(ll, it.norm_texts, strict=True)]

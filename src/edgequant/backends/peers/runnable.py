@@ -98,6 +98,12 @@ class NoGradPeerRunnable(PeerTorchRunnable):
             return TorchRunnable.logits_batch.__wrapped__(  # type: ignore[attr-defined]
                 self, seqs, last)
 
+    def logits_shared(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        with torch.no_grad():
+            return TorchRunnable.logits_shared.__wrapped__(  # type: ignore[attr-defined]
+                self, trees, last)
+
     def _prefill(self, ids: Sequence[int]) -> int:
         with torch.no_grad():
             return TorchRunnable._prefill.__wrapped__(self, ids)  # type: ignore[attr-defined]
