@@ -58,3 +58,19 @@ def test_gguf_memory_child_holds_no_torch(gguf_path):
     assert res["torch_imported"] is False
     assert 0 < res["rss_before_load_mb"] < res["peak_rss_mb"] < 600
     assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and res["threads"] == 1
+
+
+def test_shared_prefix_logits_equal_each_sequence_on_its_own(llama):
+    """Branches evaluated after one prefix (the KV cache rewound between them) give the
+    logits of ``prefix + branch`` evaluated alone, and the prefix's own rows when the wanted
+    rows reach back into it."""
+    prefix = llama.tokenize("The capital of France is a city that")
+    branches = [llama.tokenize(" many people visit"), [], llama.tokenize(" has a river.")]
+    keep = [3, 2, 4]
+    got = llama.logits_shared([(prefix, branches), ([], [branches[0]])], [keep, [2]])
+    assert [len(g) for g in got] == [3, 1]
+    for b, k, row in zip(branches, keep, got[0], strict=True):
+        want = llama.logits([*prefix, *b])[-k:]
+        assert row.shape == want.shape
+        assert (row - want).abs().max() < 1e-2 * want.abs().max()
+    assert (got[1][0] - llama.logits(branches[0])[-2:]).abs().max() < 1e-2

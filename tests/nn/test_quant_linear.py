@@ -41,3 +41,26 @@ def test_recipe_targets_and_overrides():
 def test_recipe_rejects_bad_override():
     with pytest.raises(SchemeError, match="valid examples"):
         Recipe(overrides=(("lm_head", "w4q9"),))
+
+
+def test_cached_weights_give_identical_outputs_and_are_dropped_on_exit(monkeypatch):
+    from edgequant.nn.quant_linear import dequantized_weights_cached
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QuantLinear(quantize_tensor(torch.randn(32, 64), "w4g32")),
+                                QuantLinear(quantize_tensor(torch.randn(16, 32), "w3g32-asym")))
+    x = torch.randn(5, 64)
+    want = model(x)
+    calls = []
+    original = QuantLinear.dequantized_weight
+    monkeypatch.setattr(QuantLinear, "dequantized_weight",
+                        lambda self, dtype=torch.float32: calls.append(dtype) or
+                        original(self, dtype))
+    with dequantized_weights_cached(model):
+        outs = [model(x) for _ in range(3)]
+        model(x.bfloat16())
+    assert all(torch.equal(o, want) for o in outs)
+    assert calls == [torch.float32] * 2 + [torch.bfloat16] * 2  # once per layer and dtype
+    assert all(m._cache is None for m in model)
+    model(x)
+    assert len(calls) == 6  # outside: dequantized on every forward again

@@ -233,6 +233,30 @@ class LlamaCppRunnable(RunnableBase):
         llm.eval(list(token_ids))
         return torch.from_numpy(np.array(llm.scores[:len(token_ids)], dtype=np.float32))
 
+    def logits_shared(self, trees: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      last: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        """Each prefix evaluated once: after it, every branch is evaluated from the prefix's
+        end (``n_tokens`` rewound to it; llama.cpp drops the KV cells past it)."""
+        import numpy as np
+        import torch
+
+        out: list[list[torch.Tensor]] = []
+        for (prefix, branches), keep in zip(trees, last, strict=True):
+            p = len(prefix)
+            llm = self._context("logits", p + max((len(b) for b in branches), default=0))
+            llm.reset()
+            if p:
+                llm.eval(list(prefix))
+            rows = []
+            for b, k in zip(branches, keep, strict=True):
+                llm.n_tokens = p
+                if b:
+                    llm.eval(list(b))
+                n = p + len(b)
+                rows.append(torch.from_numpy(np.array(llm.scores[n - k:n], dtype=np.float32)))
+            out.append(rows)
+        return out
+
     def _prefill(self, ids: Sequence[int]) -> int:
         self._llm.reset()
         self._llm.eval(list(ids))

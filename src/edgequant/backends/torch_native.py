@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,13 @@ class TorchRunnable(RunnableBase):
             [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True))
 
     # --- compute --------------------------------------------------------------------------
+
+    def weights_cached(self) -> AbstractContextManager[None]:
+        """Quantized layers keep their dequantized weights while inside (accuracy metrics;
+        see :func:`~edgequant.nn.quant_linear.dequantized_weights_cached`)."""
+        from ..nn.quant_linear import dequantized_weights_cached
+
+        return dequantized_weights_cached(self.module)
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,20 +192,22 @@ def _run(r: Runnable, wanted: list[str], cfg: EvalConfig, progress: Progress | N
 
         with timer("tokens"):
             stream = corpus_tokens(cfg.corpus, r)
-    if {"ppl", "kld"} & set(wanted):
-        assert stream is not None
-        _stream_metrics(r, stream, wanted, cfg, progress, res, timer)
-    if "tasks" in wanted:
-        from ..data.tasks import load_task, task_split
-        from .tasks import score_items
+    # accuracy metrics: this process's memory and speed are not what is being measured
+    with getattr(r, "weights_cached", nullcontext)():
+        if {"ppl", "kld"} & set(wanted):
+            assert stream is not None
+            _stream_metrics(r, stream, wanted, cfg, progress, res, timer)
+        if "tasks" in wanted:
+            from ..data.tasks import load_task, task_split
+            from .tasks import score_items
 
-        for name in cfg.tasks:
-            with timer(f"task:{name}"):
-                items = load_task(name, cfg.limit, cfg.seed)
-                res.tasks[name] = {**score_items(r, items, progress, name),
-                                   "split": task_split(name)}
-    if "generate" in wanted:
-        _generations(r, cfg, res, timer)
+            for name in cfg.tasks:
+                with timer(f"task:{name}"):
+                    items = load_task(name, cfg.limit, cfg.seed)
+                    res.tasks[name] = {**score_items(r, items, progress, name),
+                                       "split": task_split(name)}
+        if "generate" in wanted:
+            _generations(r, cfg, res, timer)
     if "size" in wanted:
         with timer("size"):
             info = r.size_info()

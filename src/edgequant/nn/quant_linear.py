@@ -3,10 +3,15 @@
 Everything a ``QuantizedTensor`` stores becomes a buffer under the same name (``qweight``,
 ``scales``, ``zeros``, …), so a model's ``state_dict`` *is* the artifact's tensor layout and
 ``nbytes`` counts exactly what is kept in memory. The forward pass dequantizes and calls a
-dense matmul: simple and exact; faster kernels can replace ``forward`` later.
+dense matmul: simple and exact. :func:`dequantized_weights_cached` keeps those weights
+between calls where memory is not being measured (accuracy metrics), and
+:mod:`edgequant.nn.int4_cpu` runs 4-bit layers on a fused kernel for deployment speed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        self._cache: dict[torch.dtype, torch.Tensor] | None = None
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -65,7 +71,11 @@ class QuantLinear(nn.Module):
         return self.quantized().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
+        w = None if self._cache is None else self._cache.get(x.dtype)
+        if w is None:
+            w = self.dequantized_weight(x.dtype)
+            if self._cache is not None:
+                self._cache[x.dtype] = w
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
 
@@ -77,3 +87,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme.name}, bias={self.bias is not None}")
+
+
+@contextmanager
+def dequantized_weights_cached(module: nn.Module) -> Iterator[None]:
+    """Inside, each ``QuantLinear`` of ``module`` dequantizes once and keeps the result:
+    the same outputs bit for bit, without re-dequantizing on every forward (a decode step
+    spends ~20× the matmul doing that). It holds a float copy of every quantized weight, so
+    it is for computing accuracy metrics, never for measuring memory or speed."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m._cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._cache = None
