@@ -283,3 +283,16 @@ def test_llamacpp_failure_quotes_the_tool(peer_tiny_dir, tmp_path):
     with pytest.raises(EdgequantError, match="(?i)tokenizer"):
         peers.get("llamacpp-Q8_0").make(peer_tiny_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_speed_subprocess_reopens_a_peer_with_the_evaluators_options(made):
+    """The evaluator reopens a model for speed/memory with ``reopen_options``: a peer takes
+    them (its tool picks its own dtype; edgequant's ``speed_dtype`` is for native models)."""
+    from edgequant.eval.memory import measure_fresh
+
+    with open_runnable(str(made("bnb-nf4")), backend="peer") as r:
+        options = r.reopen_options()
+    assert "dtype" not in options
+    res = measure_fresh(str(made("bnb-nf4")), "peer", IDS[:8], new_tokens=2, runs=1, warmup=0,
+                        options=options)
+    assert res["decode_tps"] > 0

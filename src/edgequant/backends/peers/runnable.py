@@ -83,6 +83,11 @@ class PeerTorchRunnable(TorchRunnable):
     def reopen_spec(self, scratch: Path) -> str | None:
         return str(self.path)
 
+    def reopen_options(self) -> dict[str, Any]:
+        """Threads only: the tool loads its artifact on its own device and in its own dtype
+        (edgequant's ``dtype``/``device`` options are the torch backend's)."""
+        return {"threads": self.threads}
+
 
 class NoGradPeerRunnable(PeerTorchRunnable):
     """The same, computing under ``torch.no_grad`` instead of ``torch.inference_mode`` (for
