@@ -52,6 +52,9 @@ def test_memory_is_measured_in_a_fresh_process(tiny_dir):
     assert res["pid"] != os.getpid()
     assert res["peak_rss_mb"] >= res["rss_before_load_mb"] > 10
     assert res["peak_rss_mb"] < 1200
+    # the whole peak is the larger of loading's and running's; both phases hold the model
+    assert res["peak_rss_mb"] == max(res["peak_rss_load_mb"], res["peak_rss_run_mb"])
+    assert res["rss_before_load_mb"] < res["peak_rss_run_mb"] <= res["peak_rss_mb"]
     del ballast
     assert res["threads"] == 1 and res["decode_tps"] > 0 and res["torch_imported"]
 

@@ -500,7 +500,8 @@ def evaluate_cell(made: Made, ctx: CellContext) -> Evaluation:
         if s.generate_prompts > 0:
             t0 = time.perf_counter()
             try:
-                gens = generate_samples(r, PROMPTS[:s.generate_prompts], s.generate_tokens)
+                with getattr(r, "weights_cached", contextlib.nullcontext)():  # quality, not speed
+                    gens = generate_samples(r, PROMPTS[:s.generate_prompts], s.generate_tokens)
             except Exception as e:  # noqa: BLE001 - recorded with the result
                 partial.append(("evaluate:generate", e))
             gen_s = time.perf_counter() - t0

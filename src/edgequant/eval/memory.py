@@ -7,7 +7,11 @@ model with :func:`~edgequant.backends.base.open_runnable`, runs
 ``peak_rss_mb`` (its own high-water mark ``VmHWM``: every byte it ever held resident,
 interpreter and libraries included, nothing inherited from the parent — see
 :func:`_peak_rss_mb` for why not ``ru_maxrss``), ``rss_before_load_mb``
-(the interpreter and libraries alone), ``load_s``, and ``peak_cuda_mb`` on a GPU.
+(the interpreter and libraries alone), ``load_s``, and ``peak_cuda_mb`` on a GPU. Where
+Linux lets a process reset its high-water mark (``/proc/self/clear_refs``), the peak is also
+split: ``peak_rss_load_mb`` (up to the end of loading: converting a checkpoint's dtype holds
+the file's pages and the converted copy at once) and ``peak_rss_run_mb`` (the speed test
+alone: what running the model needs).
 
 For a GGUF file the child imports the ``edgequant`` package without running its
 ``__init__`` (which imports torch), so its peak is llama.cpp + numpy + Python — what an
@@ -103,6 +107,15 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def child_main(request_path: str) -> None:
     """The child's side: load, measure, print one ``MARKER`` JSON line."""
     from ..backends.base import open_runnable
@@ -113,13 +126,18 @@ def child_main(request_path: str) -> None:
     t0 = time.perf_counter()
     runnable = open_runnable(req["spec"], backend=req["backend"], **req["options"])
     load_s = time.perf_counter() - t0
+    load_peak = _peak_rss_mb()
+    split = _reset_peak_rss()
     try:
         runtime = getattr(runnable, "runtime", None)
         speed = measure_speed(runnable, req["prompt"], req["new_tokens"], req["runs"],
                               req["warmup"])
     finally:
         runnable.close()
-    out = {**speed.to_dict(), "peak_rss_mb": _peak_rss_mb(), "rss_before_load_mb": before,
+    run_peak = _peak_rss_mb()
+    out = {**speed.to_dict(), "peak_rss_mb": max(load_peak, run_peak),
+           "peak_rss_load_mb": load_peak, "peak_rss_run_mb": run_peak if split else None,
+           "rss_before_load_mb": before,
            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "load_s": load_s, "peak_cuda_mb": None, "pid": os.getpid(),
            "runtime": runtime,
