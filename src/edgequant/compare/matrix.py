@@ -254,12 +254,12 @@ _QUICK_ITEMS = ("rtn:w4g128", "rtn:w3g128", "gptq:w4g128", "gptq:w3g128", "awq:w
 
 # The survey's comparison: each method by our implementation and by the established tool,
 # same model, data and settings. SmolLM2's 576-wide rows are not a multiple of 128, which
-# llm-compressor refuses at group 128: its g128 cells record that refusal, and the g64 pairs
-# keep the comparison matched.
+# llm-compressor refuses at group 128 (and gptqmodel's CPU kernel cannot run it): their g128
+# cells record that, and the g64 pairs keep the comparison matched.
 _PAPER_ITEMS = ("awq:w4g128-asym", "llmc-awq-w4a16", "awq:w4g64-asym", "llmc-awq-w4a16-g64",
                 "gptq:w4g128", "llmc-gptq-w4a16", "gptq:w4g64", "llmc-gptq-w4a16-g64",
-                "gptqmodel-w4g128", "rtn:nf4", "bnb-nf4", "rtn:nf4-dq", "bnb-nf4-dq",
-                "gguf:Q4_K_M", "llamacpp-Q4_K_M", "gguf:Q8_0", "llamacpp-Q8_0")
+                "gptqmodel-w4g128", "gptqmodel-w4g64", "rtn:nf4", "bnb-nf4", "rtn:nf4-dq",
+                "bnb-nf4-dq", "gguf:Q4_K_M", "llamacpp-Q4_K_M", "gguf:Q8_0", "llamacpp-Q8_0")
 
 _PAPER_SETTINGS = Settings(max_tokens=16384, tasks=("arc_easy", "hellaswag", "piqa"),
                            limit=200, prompt_tokens=512, new_tokens=128, warmup=1,
