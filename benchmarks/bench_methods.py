@@ -81,9 +81,9 @@ def run_job(job: str, args: argparse.Namespace) -> dict[str, Any]:
     method, _, rest = job.partition(":")
     scheme, _, opts = rest.partition(":")
     scheme = scheme or "fp32"
-    from edgequant.cli import _literal  # --set's parsing: true/false, numbers, else strings
+    from edgequant.methods.registry import parse_options  # as --set and --methods parse
 
-    options = {k: _literal(v) for k, v in (o.split("=", 1) for o in opts.split(",") if o)}
+    options = parse_options([o for o in opts.split(",") if o], job)
     req = {"model": args.model, "method": method, "scheme": scheme,
            "calib_samples": args.calib_samples, "calib_len": args.calib_len,
            "max_tokens": args.max_tokens, "options": options}

@@ -86,6 +86,7 @@ def quantize(
     from . import load
     from .data.calibration import calibration
     from .io_utils import check_output
+    from .methods.registry import option_value
     from .nn.recipe import Recipe
     from .pipeline import quantize_model
 
@@ -96,7 +97,7 @@ def quantize(
         recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
                         overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
                         keep_dtype=keep_dtype,
-                        method_options={k: _literal(v) for k, v in
+                        method_options={k: option_value(v) for k, v in
                                         _pairs(option, "--set", "KEY=VALUE")})
         if not quiet:
             console.print(f"loading {source} …")
@@ -123,19 +124,6 @@ def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
             raise EdgequantError(f"{flag} takes {form}, not {item!r}")
         out.append((key, value))
     return out
-
-
-def _literal(text: str) -> Any:
-    """'true' → True, '0.02' → 0.02, '128' → 128, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _info_dict(path: Path) -> dict[str, Any]:

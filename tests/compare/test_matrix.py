@@ -15,6 +15,7 @@ from edgequant.compare.matrix import (
     parse_methods,
     preset,
 )
+from edgequant.errors import SchemeError
 
 
 def _labels(cells: list[Cell]) -> list[str]:
@@ -105,3 +106,16 @@ def test_hash_covers_what_changes_a_result() -> None:
     assert cell_hash(rtn, s, "fp") != cell_hash(item_cell("m", "rtn:w4g64"), s, "fp")
     assert Cell.from_dict(gptq.to_dict()) == gptq
     assert Settings.from_dict(Settings(tasks=("piqa",)).to_dict()) == Settings(tasks=("piqa",))
+
+
+def test_method_items_take_options_as_quantize_set_does() -> None:
+    cell = item_cell("m", "gptq:w4g64:act_order=true:damp=0.02")
+    assert cell.options == (("act_order", True), ("damp", 0.02))
+    assert cell.label == "gptq w4g64 act_order=true damp=0.02"
+    plain = item_cell("m", "gptq:w4g64")
+    assert cell_hash(cell, Settings(), "f") != cell_hash(plain, Settings(), "f")
+    with pytest.raises(SchemeError, match="KEY=VALUE"):
+        item_cell("m", "gptq:w4g64:act_order")
+    labels = set(_labels(build(("smollm2-135m",), None, "paper")))
+    assert {"awq w4g64-asym duo_scaling=true",
+            "gptq w4g64 act_order=true static_groups=true"} <= labels

@@ -18,8 +18,9 @@ fingerprint, the evaluation settings and (for cells that use data) the calibrati
 — change any of these and it is a new cell; re-running the same matrix finds its finished
 cells by hash and skips them.
 
-``--methods`` items (:func:`parse_methods`): ``baseline``; ``METHOD:SCHEME`` for our methods
-(``gptq:w4g128``, ``hqq:w4g64-asym``); ``gguf:FTYPE`` for our GGUF export (``gguf:Q4_K_M``);
+``--methods`` items (:func:`parse_methods`): ``baseline``; ``METHOD:SCHEME[:KEY=VALUE…]`` for
+our methods (``gptq:w4g128``, ``hqq:w4g64-asym``, ``gptq:w4g64:act_order=true:static_groups=true``
+— options as ``quantize --set`` takes them); ``gguf:FTYPE`` for our GGUF export (``gguf:Q4_K_M``);
 a peer method name (``bnb-nf4``, ``llamacpp-Q4_K_M``, ``llmc-gptq-w4a16-g64``).
 """
 
@@ -76,7 +77,9 @@ class Cell:
             return "baseline fp32"
         if self.kind == "peer":
             return self.method
-        return f"{self.method} {self.scheme}"
+        opts = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in self.options)
+        return f"{self.method} {self.scheme}" + (f" {opts}" if opts else "")
 
     @property
     def calibrated(self) -> bool:
@@ -255,11 +258,16 @@ _QUICK_ITEMS = ("rtn:w4g128", "rtn:w3g128", "gptq:w4g128", "gptq:w3g128", "awq:w
 # The survey's comparison: each method by our implementation and by the established tool,
 # same model, data and settings. SmolLM2's 576-wide rows are not a multiple of 128, which
 # llm-compressor refuses at group 128 (and gptqmodel's CPU kernel cannot run it): their g128
-# cells record that, and the g64 pairs keep the comparison matched.
+# cells record that, and the g64 pairs keep the comparison matched. Where the peer's defaults
+# differ from ours (llm-compressor's AWQ uses duo scaling, its GPTQ static activation order),
+# our method also runs with the peer's settings, to compare like with like.
+_AWQ_AS_LLMC = "awq:w4g64-asym:duo_scaling=true"
+_GPTQ_AS_LLMC = "gptq:w4g64:act_order=true:static_groups=true"
 _PAPER_ITEMS = ("awq:w4g128-asym", "llmc-awq-w4a16", "awq:w4g64-asym", "llmc-awq-w4a16-g64",
-                "gptq:w4g128", "llmc-gptq-w4a16", "gptq:w4g64", "llmc-gptq-w4a16-g64",
-                "gptqmodel-w4g128", "gptqmodel-w4g64", "rtn:nf4", "bnb-nf4", "rtn:nf4-dq",
-                "bnb-nf4-dq", "gguf:Q4_K_M", "llamacpp-Q4_K_M", "gguf:Q8_0", "llamacpp-Q8_0")
+                _AWQ_AS_LLMC, "gptq:w4g128", "llmc-gptq-w4a16", "gptq:w4g64",
+                "llmc-gptq-w4a16-g64", _GPTQ_AS_LLMC, "gptqmodel-w4g128", "gptqmodel-w4g64",
+                "rtn:nf4", "bnb-nf4", "rtn:nf4-dq", "bnb-nf4-dq", "gguf:Q4_K_M",
+                "llamacpp-Q4_K_M", "gguf:Q8_0", "llamacpp-Q8_0")
 
 _PAPER_SETTINGS = Settings(max_tokens=16384, tasks=("arc_easy", "hellaswag", "piqa"),
                            limit=200, prompt_tokens=512, new_tokens=128, warmup=1,
@@ -326,7 +334,10 @@ def item_cell(model: str, item: str) -> Cell:
     if sep and head.lower() == "gguf":
         return gguf(model, rest)
     if sep and head.lower() in list_methods() or sep and _is_alias(head):
-        return native(model, head.lower(), rest)
+        from ..methods.registry import parse_options
+
+        scheme, *fields = rest.split(":")
+        return native(model, head.lower(), scheme, **parse_options(fields, f"item {item!r}"))
     if low in peers.names():
         return peer(model, low)
     raise MatrixError(f"unknown --methods item {item!r}: use baseline, METHOD:SCHEME (methods: "

@@ -79,3 +79,28 @@ def list_methods() -> list[str]:
     from . import awq, gptq, hqq, int8, rtn, smoothquant  # noqa: F401
 
     return sorted({m.name for m in _METHODS.values()})
+
+
+def option_value(text: str) -> Any:
+    """A method option's value from text: 'true' → True, '0.02' → 0.02, '128' → 128,
+    anything else stays a string (``--set`` and ``--methods`` items parse alike)."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(fields: list[str], where: str) -> dict[str, Any]:
+    """``["act_order=true", "damp=0.02"]`` → ``{"act_order": True, "damp": 0.02}``."""
+    out = {}
+    for f in fields:
+        key, sep, value = f.partition("=")
+        if not sep or not key.strip():
+            raise SchemeError(f"{where}: a method option is KEY=VALUE, not {f!r}")
+        out[key.strip()] = option_value(value.strip())
+    return out
