@@ -78,7 +78,7 @@ class Cell:
         if self.kind == "peer":
             return self.method
         opts = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                        for k, v in self.options)
+                        for k, v in self.options if self.kind == "native")  # method options
         return f"{self.method} {self.scheme}" + (f" {opts}" if opts else "")
 
     @property
