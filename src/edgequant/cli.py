@@ -86,7 +86,7 @@ def quantize(
     from . import load
     from .data.calibration import calibration
     from .io_utils import check_output
-    from .methods.registry import option_value
+    from .methods.registry import parse_options
     from .nn.recipe import Recipe
     from .pipeline import quantize_model
 
@@ -97,8 +97,7 @@ def quantize(
         recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
                         overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
                         keep_dtype=keep_dtype,
-                        method_options={k: option_value(v) for k, v in
-                                        _pairs(option, "--set", "KEY=VALUE")})
+                        method_options=parse_options(option, "--set"))
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
