@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import EdgequantError
 from .formats import QuantizedTensor, QuantScheme
 from .models.model import Model
-from .nn.recipe import Recipe
+from .recipe import Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -44,25 +44,45 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
                   "kind": src.kind})
 
 
-def quantize(model: Model | str | Path, method: str = "rtn", scheme: str | QuantScheme = "w4g128",
-             *, overrides: tuple[tuple[str, str], ...] = (), keep_dtype: str = "float16",
-             calib: Any = None, inplace: bool = False, **method_options: Any) -> Model:
-    """Quantize ``model`` with ``method`` under ``scheme`` (see ``QuantScheme`` short names)."""
-    from .pipeline import quantize_model
+def quantize(model: Model | str | Path, recipe: Recipe | str = "rtn",
+             scheme: str | QuantScheme = "w4g128", *, overrides: Any = (),
+             keep_dtype: str = "float16", calib: Any = None, inplace: bool = False,
+             progress: Any = None, **options: Any) -> Model:
+    """Quantize ``model`` by ``recipe`` — the one entry point the CLI, ``compare`` and the
+    benchmarks use.
 
+    Args:
+        model: a ``Model`` or anything :func:`load` takes (loaded here, then quantized in place).
+        recipe: a :class:`Recipe`, or its text form: ``"gptq"``, ``"awq"``, ``"awq+gptq"``
+            (transforms, then one quantizer), with ``scheme``, ``overrides`` (``(pattern,
+            format)`` pairs) and step ``options`` (``act_order=True``, ``gptq.damp=0.02``).
+        calib: calibration data for recipes that need it (``eq.data.calibration(...)``,
+            token windows, or a ``Calibration``); default ``wiki``, 128 × 512 tokens.
+        inplace: quantize ``model`` itself (saves a copy of the weights).
+        progress: ``progress(items, total, what)`` wrapper, e.g. for a progress bar.
+
+    Example:
+        >>> q = eq.quantize("smollm2-135m", "awq+gptq", "w4g64-asym", act_order=True)
+    """
+    from .pipeline import quantize_model
+    from .statistics import no_progress
+
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.parse(recipe, scheme, options, formats=tuple(overrides),
+                              keep_dtype=keep_dtype)
+    elif options or overrides:
+        raise EdgequantError("options and overrides belong in the Recipe when one is given")
     if not isinstance(model, Model):
         model, inplace = load(model), True
-    recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
-                    overrides=tuple(overrides), keep_dtype=keep_dtype,
-                    method_options=method_options)
-    return quantize_model(model, recipe, calib=calib, inplace=inplace)
+    return quantize_model(model, recipe, calib=calib, inplace=inplace,
+                          progress=progress or no_progress)
 
 
 def export(model: Model | str | Path, path: str | Path, ftype: str = "Q4_K_M", **options: Any
            ) -> Path:
     """Write ``model`` as a GGUF file for llama.cpp (``imatrix=``, ``calib=``, ``force=``).
-    See :func:`edgequant.gguf.export.export`."""
-    from .gguf.export import export as _export
+    See :func:`edgequant.exporters.gguf.export`."""
+    from .exporters.gguf import export as _export
 
     return _export(model, path, ftype, **options)
 

@@ -62,16 +62,19 @@ def _progress_fn(quiet: bool) -> Callable[[Iterable[Any], int, str], Iterable[An
 def quantize(
     source: str = typer.Argument(..., help="Zoo name, HF folder, hub id or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
+    recipe: str = typer.Option("rtn", "--recipe", "--method", "-m", help="Quantizer, or "
+                               "transforms then a quantizer joined by '+': rtn, gptq, hqq, awq, "
+                               "smoothquant, awq+gptq, … (see `edgequant methods`)."),
     scheme: str = typer.Option("w4g128", "--scheme", "-s", help="Scheme short name, e.g. "
                                "w4g128, w3g128-asym, w8, nf4, fp8."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=SCHEME (or "
                                        "PATTERN=keep), e.g. 'lm_head=w8' or '*.down_proj=w8'."),
     keep_dtype: str = typer.Option("float16", help="dtype for unquantized tensors."),
-    option: list[str] = typer.Option([], "--set", help="Method option KEY=VALUE, e.g. "
-                                     "'act_order=true' or 'damp=0.02' (see the method's config)."),
+    option: list[str] = typer.Option([], "--set", help="Step option KEY=VALUE, e.g. "
+                                     "'act_order=true' or 'gptq.damp=0.02' (STEP.KEY when "
+                                     "several steps have KEY)."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration corpus (wiki, lambada, "
-                              "shakespeare) or a text file; only for methods that need data."),
+                              "shakespeare) or a text file; only for recipes that need data."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
     calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
@@ -82,28 +85,27 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Quantize SOURCE and save a native artifact."""
-    from . import load
-    from .data.calibration import calibration
-    from .io_utils import check_output
-    from .methods.registry import parse_options
-    from .nn.recipe import Recipe
-    from .pipeline import quantize_model
+    """Quantize SOURCE by a recipe and save a native artifact."""
 
     def go() -> dict[str, Any]:
-        from .formats import QuantScheme
+        from . import load
+        from . import quantize as eq_quantize
+        from .data.calibration import calibration
+        from .io_utils import check_output
+        from .methods.registry import parse_options
+        from .recipe import Recipe
 
+        # everything the user typed is checked before the model is loaded
+        plan = Recipe.parse(recipe, scheme, parse_options(option, "--set"),
+                            formats=_pairs(override, "--override", "PATTERN=SCHEME"),
+                            keep_dtype=keep_dtype)
+        plan.check_native()
+        spec = calibration(calib, calib_samples, calib_len, seed, calib_dtype)
         check_output(output, force)
-        recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
-                        overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
-                        keep_dtype=keep_dtype,
-                        method_options=parse_options(option, "--set"))
         if not quiet:
             console.print(f"loading {source} …")
-        model = load(source)
-        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed,
-                                                            calib_dtype),
-                           inplace=True, progress=_progress_fn(quiet))
+        q = eq_quantize(load(source), plan, calib=spec, inplace=True,
+                        progress=_progress_fn(quiet))
         q.save(output, force=force)
         return _info_dict(output)
 
@@ -215,19 +217,23 @@ def export_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     gptq: bool = typer.Option(False, "--gptq", help="GPTQ error feedback into the GGML grids "
                               "(needs --calib)."),
+    override: list[str] = typer.Option([], "--override", help="PATTERN=TYPE on module names, "
+                                       "after the file type's mixture, e.g. 'lm_head=Q8_0' or "
+                                       "'*.down_proj=Q6_K'."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Export SOURCE as a GGUF file for llama.cpp (re-quantizes a quantized artifact)."""
     from .data.calibration import calibration
-    from .gguf.export import export
+    from .exporters.gguf import export
 
     def go() -> Path:
         if not quiet:
             console.print(f"loading {source} …")
-        spec = calibration(calib, calib_samples, calib_len, seed) if calib else None
+        spec = calibration(calib, calib_samples, calib_len, seed, "float32") if calib else None
+        pairs = tuple(_pairs(override, "--override", "PATTERN=TYPE"))
         return export(source, output, ftype, imatrix=imatrix, calib=spec, force=force,
-                      progress=_progress_fn(quiet), gptq=gptq)
+                      progress=_progress_fn(quiet), gptq=gptq, overrides=pairs)
 
     path = _run(go)
     if not quiet:
@@ -249,7 +255,7 @@ def imatrix_cmd(
     """Compute llama.cpp's importance matrix (per-column Σx²) of SOURCE on calibration text."""
     from . import load
     from .data.calibration import calibration
-    from .gguf.imatrix import collect
+    from .exporters.imatrix import collect
     from .io_utils import check_output
 
     def go() -> Path:
@@ -257,7 +263,7 @@ def imatrix_cmd(
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
-        spec = calibration(calib, calib_samples, calib_len, seed)
+        spec = calibration(calib, calib_samples, calib_len, seed, "float32")
         return collect(model, spec, progress=_progress_fn(quiet)).save(output)
 
     path = _run(go)

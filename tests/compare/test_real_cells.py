@@ -53,7 +53,7 @@ def test_layer_key_and_errors() -> None:
 
 def test_gguf_errors_read_back_from_the_file(tmp_path: Path) -> None:
     from edgequant.compare.layer_error import gguf_errors
-    from edgequant.gguf.export import export
+    from edgequant.exporters.gguf import export
 
     model = tiny("llama", hidden=256, n_layer=2)
     errs = {}

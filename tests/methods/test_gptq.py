@@ -11,7 +11,7 @@ import torch
 from edgequant.errors import EdgequantError, SchemeError
 from edgequant.formats import QuantizedTensor, QuantScheme, get_format, quantize_tensor
 from edgequant.formats.base import group
-from edgequant.methods import get_method
+from edgequant.methods import get_quantizer
 from edgequant.methods.gptq import (
     DampingRaised,
     GPTQConfig,
@@ -20,6 +20,7 @@ from edgequant.methods.gptq import (
     gptq_quantize_report,
     inverse_hessian_factor,
 )
+from edgequant.methods.registry import make_config
 
 
 def activations(n: int, cols: int, seed: int) -> torch.Tensor:
@@ -240,9 +241,9 @@ def test_bad_inputs() -> None:
 
 
 def test_registered_method() -> None:
-    m = get_method("gptq")
+    m = get_quantizer("gptq")
     assert m.needs == frozenset({"hessian"})
-    cfg = m.make_config({"act_order": True})
+    cfg = make_config(m, {"act_order": True})
     W = weight(8, 64)
     qt = m.quantize_weight(W, QuantScheme.parse("w4g32"), {"hessian": H_CAL[:64, :64],
                                                           "n_tokens": torch.tensor(2048)}, cfg)

@@ -102,7 +102,7 @@ def gguf_errors(source_model: Any, path: str | Path, tokenizer_pre: str | None =
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from ..gguf.convert import convert
+    from ..exporters.convert import convert
 
     ref = {t.name: t for t in convert(source_model, pre=tokenizer_pre).tensors
            if t.name.startswith("blk.") and len(t.shape) == 2}

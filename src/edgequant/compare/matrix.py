@@ -85,14 +85,18 @@ class Cell:
     def calibrated(self) -> bool:
         """Whether calibration data can change the artifact (then its settings are hashed)."""
         if self.kind == "native":
-            from ..methods import get_method
-
-            return get_method(self.method).needs_calibration
+            return self.recipe().needs_calibration
         if self.kind == "peer":
             from ..backends import peers
 
             return peers.get(self.method).calibrated
         return False
+
+    def recipe(self) -> Any:
+        """The ``Recipe`` of a native cell."""
+        from ..recipe import Recipe
+
+        return Recipe.parse(self.method, self.scheme, dict(self.options))
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "kind": self.kind, "method": self.method,
@@ -219,17 +223,17 @@ def baseline(model: str) -> Cell:
 
 
 def native(model: str, method: str, scheme: str, **options: Any) -> Cell:
-    from ..formats import QuantScheme
-    from ..methods import get_method
+    """A native cell; ``method`` is a recipe's text form (``gptq``, ``awq+gptq``)."""
+    from ..recipe import Recipe
 
-    m = get_method(method)
-    return Cell(model, "native", m.name, QuantScheme.parse(scheme).name, "edgequant",
-                tuple(options.items()))
+    r = Recipe.parse(method, scheme, options)
+    r.check_native()
+    return Cell(model, "native", r.name, r.scheme, "edgequant", tuple(options.items()))
 
 
 def gguf(model: str, ftype: str, **options: Any) -> Cell:
     """Our GGUF export; ``options`` go to ``eq.export`` (e.g. ``tokenizer_pre``)."""
-    from ..gguf.export import parse_file_type
+    from ..exporters.gguf import parse_file_type
 
     return Cell(model, "gguf", "gguf", parse_file_type(ftype), "edgequant",
                 tuple(options.items()))
@@ -333,26 +337,24 @@ def item_cell(model: str, item: str) -> Cell:
     head, sep, rest = low.partition(":")
     if sep and head.lower() == "gguf":
         return gguf(model, rest)
-    if sep and head.lower() in list_methods() or sep and _is_alias(head):
+    if sep and _is_recipe(head):
         from ..methods.registry import parse_options
 
         scheme, *fields = rest.split(":")
         return native(model, head.lower(), scheme, **parse_options(fields, f"item {item!r}"))
     if low in peers.names():
         return peer(model, low)
-    raise MatrixError(f"unknown --methods item {item!r}: use baseline, METHOD:SCHEME (methods: "
-                      f"{', '.join(list_methods())}), gguf:FTYPE, or a peer method "
+    raise MatrixError(f"unknown --methods item {item!r}: use baseline, RECIPE:SCHEME (methods: "
+                      f"{', '.join(list_methods())}, composed as awq+gptq), gguf:FTYPE, or "
+                      f"a peer method "
                       f"(e.g. {', '.join(peers.names()[:4])}, …)")
 
 
-def _is_alias(name: str) -> bool:
-    from ..methods import get_method
+def _is_recipe(text: str) -> bool:
+    """Whether ``text`` reads as a recipe (step names joined by '+')."""
+    from ..methods.registry import is_step_name
 
-    try:
-        get_method(name)
-    except EdgequantError:
-        return False
-    return True
+    return all(is_step_name(p) for p in text.split("+"))
 
 
 def build(models: tuple[str, ...] | list[str] = (), items: tuple[str, ...] | None = None,

@@ -405,30 +405,25 @@ def make_baseline(ctx: CellContext) -> Made:
 
 
 def make_native(ctx: CellContext) -> Made:
-    from ..formats import QuantScheme
-    from ..methods import get_method
-    from ..nn.recipe import Recipe
-    from ..pipeline import quantize_model
+    from .. import quantize
     from .layer_error import native_errors
 
     cell, out = ctx.cell, ctx.artifact_path
     model = ctx.source_model()
-    method = get_method(cell.method)
-    recipe = Recipe(method=cell.method, scheme=QuantScheme.parse(cell.scheme),
-                    method_options=dict(cell.options))
-    calib = ctx.settings.calibration() if method.needs_calibration else None
+    recipe = cell.recipe()
+    calib = ctx.settings.calibration() if recipe.needs_calibration else None
     t0 = time.perf_counter()
-    q = quantize_model(model, recipe, calib=calib, inplace=False, progress=ctx.track)
+    q = quantize(model, recipe, calib=calib, inplace=False, progress=ctx.track)
     q.save(out, force=True)
     make_s = time.perf_counter() - t0
     del q
-    errors = native_errors(model.module, out, rescaled=method.transform is not None)
+    errors = native_errors(model.module, out, rescaled=bool(recipe.transforms))
     return Made(str(out), None, make_s, {"calibration": ctx.settings.calib_dict()
                                          if calib is not None else None}, errors)
 
 
 def make_gguf(ctx: CellContext) -> Made:
-    from ..gguf.export import export
+    from ..exporters.gguf import export
     from .layer_error import gguf_errors
 
     out = ctx.artifact_path

@@ -53,7 +53,7 @@ from ..errors import EdgequantError, SchemeError
 from ..formats import NumberFormat, QuantizedTensor, QuantScheme, get_format
 from ..formats.base import group
 from ..formats.tensor import check_weight
-from .registry import Method, register_method
+from .registry import Quantizer, register
 
 Params = dict[str, torch.Tensor]
 
@@ -334,6 +334,6 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch
     return gptq_quantize(w, stats["hessian"], scheme, config)
 
 
-GPTQ = register_method(Method(
-    "gptq", quantize_weight, needs=frozenset({"hessian"}), config_cls=GPTQConfig,
+register(Quantizer(
+    "gptq", quantize_weight, GPTQConfig, needs=frozenset({"hessian"}),
     description="GPTQ: column-by-column rounding with inverse-Hessian error feedback"))

@@ -30,8 +30,8 @@ from ..formats.tensor import validate_layout
 from ..io_utils import atomic_dir, sha256_file
 from ..nn.modules import module_class
 from ..nn.quant_linear import QuantLinear
-from ..nn.recipe import Recipe
 from ..nn.surgery import replace_module
+from ..recipe import Recipe
 from .model import Model
 
 MANIFEST = "edgequant.json"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..nn.quant_linear import QuantLinear
-from ..nn.recipe import Recipe
+from ..recipe import Recipe
 
 
 @dataclass

@@ -11,8 +11,7 @@ from torch import nn
 from ..errors import SchemeError
 from ..formats import QuantScheme
 from ..models.architectures import linear_names
-from .quant_linear import QuantLinear
-from .recipe import KEEP_DTYPES, Recipe
+from ..recipe import KEEP_DTYPES, Recipe
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> dict[str, QuantScheme]:
@@ -67,6 +66,3 @@ def round_kept_tensors(model: nn.Module, keep_dtype: str, skip: set[str] | None 
                                   f"use keep_dtype bfloat16 or float32")
             p.copy_(p.to(dt).to(p.dtype))
 
-
-def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -2,7 +2,7 @@
 
 Steps of ``make``:
 
-1. an F32 GGUF of the source: ``edgequant.gguf.export.export(folder, path, "F32")`` when that
+1. an F32 GGUF of the source: ``edgequant.exporters.gguf.export(folder, path, "F32")`` when that
    module exists, otherwise llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python
    sdist of the installed version (fetched once with ``pip download --no-deps`` into
    ``<cache>/llama-cpp-src/``; ``$EDGEQUANT_LLAMA_CPP_SRC`` may point at a llama.cpp checkout);
@@ -51,12 +51,12 @@ def f32_gguf(src: Source, path: Path) -> str:
     """Write the source as an F32 GGUF at ``path``; returns which converter did it."""
     export: Any
     try:
-        from ...gguf.export import export
+        from ...exporters.gguf import export
     except ImportError:  # the exporter is optional: llama.cpp's converter does the same job
         export = None
     if export is not None:
         export(str(src.folder), str(path), "F32")
-        return "edgequant.gguf.export"
+        return "edgequant.exporters.gguf"
     script = convert_script()
     res = subprocess.run([sys.executable, str(script), str(src.folder), "--outfile", str(path),
                           "--outtype", "f32"], capture_output=True, text=True, check=False)

@@ -10,11 +10,12 @@ from gguf import GGMLQuantizationType
 
 from edgequant.data.calibration import Calibration
 from edgequant.errors import GGUFError
-from edgequant.gguf.export import llama_cpp_quantize, plan_export
-from edgequant.gguf.imatrix import ImportanceMatrix, collect
+from edgequant.exporters.gguf import llama_cpp_quantize, plan_export
+from edgequant.exporters.imatrix import collect
+from edgequant.gguf.imatrix import ImportanceMatrix
 from edgequant.gguf.reader import inspect_gguf
 
-from .test_export import _export, _tensor_bytes
+from .test_gguf import _export, _tensor_bytes
 from .tiny import TEXT, tiny
 
 QT = GGMLQuantizationType

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from edgequant.errors import GGUFError
-from edgequant.gguf.convert import convert, permute_rows
-from edgequant.gguf.export import export
+from edgequant.exporters.convert import convert, permute_rows
+from edgequant.exporters.gguf import export
 from edgequant.gguf.reader import inspect_gguf
 from edgequant.gguf.tokenizer import bpe_pre, tokenizer_kv
 from edgequant.models.architectures import spec_for

@@ -18,7 +18,7 @@ from edgequant.errors import (
     OutputExistsError,
     UnsupportedArchitectureError,
 )
-from edgequant.gguf.export import ExportPlan, export, llama_cpp_quantize, plan_export
+from edgequant.exporters.gguf import ExportPlan, export, llama_cpp_quantize, plan_export
 from edgequant.gguf.mixtures import FILE_TYPES
 from edgequant.gguf.reader import inspect_gguf
 
@@ -273,3 +273,69 @@ def test_shipped_smollm2_gguf_round_trips_byte_for_byte(tmp_path) -> None:
     ours = eq.export(str(original), tmp_path / "again.gguf", "Q4_1")
     a, b = _tensor_bytes(original), _tensor_bytes(ours)
     assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("ftype", [f for f in FILE_TYPES])
+@pytest.mark.parametrize("has_imatrix", [False, True])
+def test_mixture_recipe_gives_llama_cpps_types(arch: str, ftype: str, has_imatrix: bool) -> None:
+    """A llama.cpp file type as a recipe: the same type for every tensor as choose_types."""
+    from edgequant.exporters.convert import convert
+    from edgequant.exporters.gguf import mixture_recipe, recipe_types
+    from edgequant.gguf.mixtures import TensorInfo, choose_types
+    from edgequant.recipe import Recipe
+
+    model = tiny(arch, hidden=192)
+    conv = convert(model, pre=None if arch == "gemma3" else "gpt-2")
+    want = choose_types([TensorInfo(t.name, t.shape) for t in conv.tensors], ftype,
+                        conv.n_layer, arch=conv.arch, n_gqa=conv.n_gqa, has_imatrix=has_imatrix)
+    recipe = mixture_recipe(conv, ftype, has_imatrix)
+    assert recipe_types(conv, recipe) == want
+    assert recipe_types(conv, Recipe.from_dict(recipe.to_dict())) == want
+
+
+def test_custom_recipe_of_ggml_types(llama, tmp_path) -> None:
+    """Per-layer GGML types from patterns; unnamed layers outside the blocks are kept in
+    keep_dtype; the recipe is in the file's metadata and reads back equal."""
+    import json
+
+    from edgequant.recipe import Recipe
+
+    recipe = Recipe(scheme="Q4_0", formats={"*.mlp.down_proj": "Q8_0", "lm_head": "q6_k",
+                                            "model.layers.1.*": "Q5_1"})
+    path = export(llama, tmp_path / "c.gguf", recipe, tokenizer_pre="gpt-2")
+    info = inspect_gguf(path)
+    types = {t.name: t.type for t in info.tensors}
+    assert types["blk.0.attn_q.weight"] == QT.Q4_0
+    assert types["blk.0.ffn_down.weight"] == QT.Q8_0
+    assert types["blk.1.ffn_down.weight"] == QT.Q5_1          # later patterns win
+    assert types["output.weight"] == QT.Q6_K
+    assert types["token_embd.weight"] == QT.F16               # kept: keep_dtype float16
+    assert types["blk.0.attn_norm.weight"] == QT.F32
+    assert "general.file_type" not in info.kv
+    assert Recipe.from_dict(json.loads(info.kv["edgequant.recipe"])) == recipe
+
+
+def test_named_file_type_records_its_recipe(llama, tmp_path) -> None:
+    import json
+
+    from edgequant.recipe import Recipe
+
+    info = inspect_gguf(_export(llama, tmp_path / "m.gguf", "Q4_K_M"))
+    r = Recipe.from_dict(json.loads(info.kv["edgequant.recipe"]))
+    assert r.scheme == "Q4_K" and r.quantizer_name == "rtn"
+
+
+def test_recipes_the_exporter_cannot_write_are_refused(llama, tmp_path) -> None:
+    from edgequant.recipe import Recipe
+
+    with pytest.raises(GGUFError, match="native scheme"):
+        export(llama, tmp_path / "a.gguf", Recipe(scheme="w4g32"), tokenizer_pre="gpt-2")
+    with pytest.raises(GGUFError, match="no transforms"):
+        export(llama, tmp_path / "b.gguf", Recipe.parse("awq", "Q4_0"), tokenizer_pre="gpt-2")
+    with pytest.raises(GGUFError, match="rtn .* or gptq, not hqq"):
+        export(llama, tmp_path / "c.gguf", Recipe.parse("hqq", "Q4_0"), tokenizer_pre="gpt-2")
+    assert _leftovers(tmp_path) == []

@@ -2,16 +2,22 @@
 
 The steps, each in its own module:
 
-1. :func:`~edgequant.gguf.convert.convert` — tensors under GGUF names (q/k permuted, Gemma
+1. :func:`~edgequant.exporters.convert.convert` — tensors under GGUF names (q/k permuted, Gemma
    norms +1, …) and the metadata llama.cpp's loader reads;
-2. :func:`~edgequant.gguf.mixtures.choose_types` — the GGML type of every tensor, exactly as
-   ``llama_model_quantize`` picks it for the file type (including its fallbacks for rows
-   that 256 does not divide: SmolLM2's hidden size 576 turns most ``Q4_K`` into ``Q5_0``);
-3. :func:`~edgequant.gguf.quants.quantize` — byte-exact GGML encoders, weighted by an
-   importance matrix when one is given (``--imatrix FILE`` or ``--calib CORPUS``);
-4. a ``GGUFWriter`` streaming header, metadata, tensor table and then one tensor at a time
-   into a temporary file beside the target, validated and renamed into place — a failure
-   leaves neither the output nor a temporary file behind.
+2. a :class:`~edgequant.recipe.Recipe` says each tensor's GGML type: a llama.cpp file type
+   (``Q4_K_M``) becomes the recipe :func:`mixture_recipe` (the per-tensor types
+   ``llama_model_quantize`` picks, by :func:`~edgequant.gguf.mixtures.choose_types`,
+   including its fallbacks for rows that 256 does not divide: SmolLM2's hidden size 576 turns
+   most ``Q4_K`` into ``Q5_0``), or the caller gives a recipe of GGML types per layer;
+3. the recipe's quantizer encodes: ``rtn`` — the byte-exact GGML encoders
+   (:func:`~edgequant.gguf.quants.quantize`), weighted by an importance matrix when one is
+   given (``--imatrix FILE`` or ``--calib CORPUS``); ``gptq`` — the same encoders inside
+   GPTQ's error feedback (:mod:`edgequant.methods.gptq`), from the statistics engine's
+   Hessians;
+4. a ``GGUFWriter`` streaming header, metadata (the recipe included, as ``edgequant.recipe``),
+   tensor table and then one tensor at a time into a temporary file beside the target,
+   validated and renamed into place — a failure leaves neither the output nor a temporary
+   file behind.
 
 From an edgequant *quantized* model (a native artifact), the ``QuantLinear`` weights are
 dequantized and encoded again into GGML blocks: a re-quantization, not a lossless carry-over
@@ -25,31 +31,42 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, Keys
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 
 from ..errors import GGUFError
+from ..gguf import quants
+from ..gguf.gptq import gptq_encode  # TODO(merge): the one solver in methods.gptq
+from ..gguf.imatrix import ImportanceMatrix, llama_cpp_imatrix
+from ..gguf.mixtures import (
+    FILE_TYPES,
+    TensorInfo,
+    bits_per_weight,
+    choose_types,
+    default_type,
+    fallback,
+    tensor_allows_quantization,
+)
+from ..gguf.reader import inspect_gguf
 from ..io_utils import atomic_file, check_output
-from . import quants
+from ..methods.gptq import GPTQConfig
+from ..methods.rtn import RTNConfig
+from ..recipe import Recipe
+from ..statistics import Progress, no_progress
 from .convert import Conversion, convert
-from .gptq import gptq_encode
-from .imatrix import ImportanceMatrix, collect, llama_cpp_imatrix
-from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types
-from .reader import inspect_gguf
+from .imatrix import collect
 
-__all__ = ["ExportPlan", "export", "llama_cpp_quantize", "parse_file_type", "plan_export"]
+__all__ = ["ExportPlan", "export", "llama_cpp_quantize", "mixture_recipe", "parse_file_type",
+           "plan_export", "recipe_types"]
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
-
-
-def _no_progress(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-    return items
+RECIPE_KEY = "edgequant.recipe"
+_KEEP_TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
 def parse_file_type(ftype: str) -> str:
@@ -60,17 +77,64 @@ def parse_file_type(ftype: str) -> str:
     return name
 
 
-class ExportPlan:
-    """What an export will write: the conversion, each tensor's GGML type, the imatrix."""
+def _module_of(source: str) -> str:
+    """``model.layers.0.mlp.down_proj.weight`` → ``model.layers.0.mlp.down_proj``."""
+    return source.rsplit(".", 1)[0]
 
-    def __init__(self, conv: Conversion, ftype: str, imatrix: ImportanceMatrix | None,
-                 gptq: bool = False) -> None:
-        self.conv, self.ftype, self.imatrix, self.gptq = conv, ftype, imatrix, gptq
+
+def mixture_recipe(conv: Conversion, ftype: str, has_imatrix: bool = False,
+                   quantizer: Any = None) -> Recipe:
+    """llama.cpp's file type ``ftype`` as a recipe for this model: every tensor llama.cpp
+    quantizes is listed under its module path with the type ``llama_model_quantize`` gives
+    it (:func:`~edgequant.gguf.mixtures.choose_types`), so :func:`recipe_types` of the
+    result is exactly llama.cpp's choice."""
+    ftype = parse_file_type(ftype)
+    infos = [TensorInfo(t.name, t.shape) for t in conv.tensors]
+    types = choose_types(infos, ftype, conv.n_layer, arch=conv.arch, n_gqa=conv.n_gqa,
+                         has_imatrix=has_imatrix)
+    formats = tuple((_module_of(t.source), types[t.name].name) for t, i in
+                    zip(conv.tensors, infos, strict=True) if tensor_allows_quantization(i))
+    return Recipe(quantizer=quantizer if quantizer is not None else RTNConfig(),
+                  scheme=default_type(ftype).name, formats=formats)
+
+
+def recipe_types(conv: Conversion, recipe: Recipe) -> dict[str, GGMLQuantizationType]:
+    """Each tensor's GGML type under ``recipe``: tensors llama.cpp never quantizes (norms,
+    vectors) stay F32; the others take the recipe's format for their module (a type whose
+    block does not divide the row falls back as llama.cpp's does), or ``keep_dtype``."""
+    out = {}
+    for t in conv.tensors:
+        info = TensorInfo(t.name, t.shape)
+        if not tensor_allows_quantization(info):
+            out[t.name] = GGMLQuantizationType.F32
+            continue
+        fmt = recipe.format_for(_module_of(t.source), in_blocks=t.name.startswith("blk."))
+        if fmt is None:
+            fmt = _KEEP_TYPES[recipe.keep_dtype]
+        if not isinstance(fmt, str):
+            raise GGUFError(f"{t.source}: {fmt.name} is a native scheme; a GGUF file holds GGML "
+                            "types (Q4_0 … Q8_0, Q2_K … Q6_K, F16): use them in the recipe, or "
+                            "a llama.cpp file type such as Q4_K_M")
+        out[t.name] = fallback(GGMLQuantizationType[fmt], info.row_length)
+    return out
+
+
+class ExportPlan:
+    """What an export will write: the conversion, the recipe, each tensor's GGML type, the
+    importance matrix (and Hessians, for the GPTQ quantizer).
+
+    Attributes:
+        ftype: the llama.cpp file type it was made from (None for a custom recipe).
+    """
+
+    def __init__(self, conv: Conversion, recipe: Recipe, imatrix: ImportanceMatrix | None,
+                 ftype: str | None = None) -> None:
+        self.conv, self.recipe, self.imatrix, self.ftype = conv, recipe, imatrix, ftype
+        self.gptq = isinstance(recipe.quantizer, GPTQConfig)
         infos = [TensorInfo(t.name, t.shape) for t in conv.tensors]
         self.infos = infos
         self._info = {t.name: t for t in infos}
-        self.types = choose_types(infos, ftype, conv.n_layer, arch=conv.arch, n_gqa=conv.n_gqa,
-                                  has_imatrix=imatrix is not None)
+        self.types = recipe_types(conv, recipe)
 
     @property
     def bits_per_weight(self) -> float:
@@ -95,18 +159,35 @@ class ExportPlan:
         hessians = self.imatrix.hessians if self.imatrix is not None else None
         try:
             if self.gptq and hessians is not None and t.name in hessians:
-                return gptq_encode(data, self.types[t.name], hessians[t.name], weights)
+                return gptq_encode(data, self.types[t.name], hessians[t.name], weights,
+                                   self.recipe.quantizer.damp)
             return quants.quantize(data, self.types[t.name], imatrix=weights)
         except GGUFError as e:
             raise GGUFError(f"{t.name} ({t.source}): {e}") from None
 
 
-def plan_export(model: Any, ftype: str = "Q4_K_M",
+def plan_export(model: Any, target: str | Recipe = "Q4_K_M",
                 imatrix: ImportanceMatrix | str | os.PathLike[str] | None = None,
-                calib: Any = None, progress: Progress = _no_progress,
-                tokenizer_pre: str | None = None, gptq: bool = False) -> ExportPlan:
-    """Convert ``model`` and choose every tensor's type (no file is written)."""
-    ftype = parse_file_type(ftype)
+                calib: Any = None, progress: Progress = no_progress,
+                tokenizer_pre: str | None = None, gptq: bool = False,
+                overrides: tuple[tuple[str, str], ...] = ()) -> ExportPlan:
+    """Convert ``model`` and choose every tensor's type (no file is written).
+
+    ``target`` is a llama.cpp file type (its mixture; ``gptq`` picks the GPTQ quantizer) or
+    a :class:`Recipe` of GGML types (its quantizer: ``rtn`` or ``gptq``; no transforms).
+    ``overrides`` (``(pattern, GGML type)``) are applied after either, last match winning.
+    """
+    ftype = None if isinstance(target, Recipe) else parse_file_type(target)
+    if isinstance(target, Recipe):
+        if gptq:
+            raise GGUFError("with a recipe, choose GPTQ as its quantizer, not with gptq=True")
+        if target.transforms:
+            raise GGUFError(f"the GGUF exporter runs no transforms ({target.name}); quantize "
+                            "natively first, or export the float model")
+        gptq = isinstance(target.quantizer, GPTQConfig)
+        if not gptq and not isinstance(target.quantizer, RTNConfig):
+            raise GGUFError(f"the GGUF exporter encodes with rtn (llama.cpp's encoders) or "
+                            f"gptq, not {target.quantizer_name}")
     if imatrix is not None and calib is not None:
         raise GGUFError("give either an imatrix file or calibration data, not both")
     has_hessians = isinstance(imatrix, ImportanceMatrix) and imatrix.hessians is not None
@@ -123,13 +204,18 @@ def plan_export(model: Any, ftype: str = "Q4_K_M",
         if not wanted & set(imatrix.sums):
             raise GGUFError("the importance matrix has no entry for any tensor of this model "
                             f"(first entries: {sorted(imatrix.sums)[:3]})")
-    return ExportPlan(conv, ftype, imatrix, gptq)
+    recipe = target if isinstance(target, Recipe) else mixture_recipe(
+        conv, target, imatrix is not None, GPTQConfig() if gptq else None)
+    if overrides:
+        recipe, ftype = recipe.with_formats(overrides), None  # no longer llama.cpp's mixture
+    return ExportPlan(conv, recipe, imatrix, ftype)
 
 
-def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_K_M",
+def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str | Recipe = "Q4_K_M",
            imatrix: ImportanceMatrix | str | os.PathLike[str] | None = None, calib: Any = None,
-           force: bool = False, progress: Progress = _no_progress,
-           tokenizer_pre: str | None = None, gptq: bool = False) -> Path:
+           force: bool = False, progress: Progress = no_progress,
+           tokenizer_pre: str | None = None, gptq: bool = False,
+           overrides: tuple[tuple[str, str], ...] = ()) -> Path:
     """Write ``model_or_source`` as a GGUF file of llama.cpp file type ``ftype``.
 
     Args:
@@ -137,7 +223,9 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
             ``eq.load`` takes (zoo name, HF folder, ``.gguf`` file, native artifact).
         path: the ``.gguf`` file to write.
         ftype: ``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``,
-            ``Q2_K``, ``Q3_K_S/M/L``, ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``.
+            ``Q2_K``, ``Q3_K_S/M/L``, ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``; or a
+            :class:`Recipe` of GGML types per layer (``Recipe(scheme="Q4_K",
+            formats={"*.down_proj": "Q6_K", "lm_head": "Q8_0"})``).
         imatrix: an importance matrix (object or llama.cpp ``.gguf``/``.dat`` file).
         calib: calibration data to compute the importance matrix from instead
             (``eq.data.calibration(...)``, a corpus name, or token windows).
@@ -146,7 +234,9 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
         tokenizer_pre: llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer that
             :data:`~edgequant.gguf.tokenizer.KNOWN_PRE` does not recognise (e.g. ``gpt-2``).
         gptq: encode the block linears with GPTQ error feedback (needs ``calib``; see
-            :mod:`edgequant.gguf.gptq`). Same types and file layout, different codes.
+            :mod:`edgequant.methods.gptq`). Same types and file layout, different codes.
+        overrides: ``(pattern, GGML type)`` pairs on module names applied after ``ftype``,
+            e.g. ``(("lm_head", "Q8_0"),)``.
 
     Returns:
         ``path``.
@@ -158,14 +248,15 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
     """
     path = Path(path)
     check_output(path, force)
-    ftype = parse_file_type(ftype)
+    if not isinstance(ftype, Recipe):
+        ftype = parse_file_type(ftype)
     model = _as_model(model_or_source)
-    plan = plan_export(model, ftype, imatrix, calib, progress, tokenizer_pre, gptq)
+    plan = plan_export(model, ftype, imatrix, calib, progress, tokenizer_pre, gptq, overrides)
     write_gguf(plan, path, progress)
     return path
 
 
-def write_gguf(plan: ExportPlan, path: Path, progress: Progress = _no_progress) -> None:
+def write_gguf(plan: ExportPlan, path: Path, progress: Progress = no_progress) -> None:
     """Stream ``plan`` into ``path`` atomically (temporary file, validate, rename)."""
     conv = plan.conv
     with atomic_file(path) as tmp:
@@ -180,7 +271,8 @@ def write_gguf(plan: ExportPlan, path: Path, progress: Progress = _no_progress) 
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             order = range(len(conv.tensors))
-            for i in progress(order, len(conv.tensors), f"encoding {plan.ftype}"):
+            what = f"encoding {plan.ftype or plan.recipe.scheme}"
+            for i in progress(order, len(conv.tensors), what):
                 w.write_tensor_data(plan.encode(i).reshape(-1))
         finally:
             w.close()
@@ -190,10 +282,12 @@ def write_gguf(plan: ExportPlan, path: Path, progress: Progress = _no_progress) 
 
 
 def _file_kv(plan: ExportPlan) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
-    u32 = GGUFValueType.UINT32
-    extra = [(Keys.General.FILE_TYPE, FILE_TYPES[plan.ftype], u32, None),
-             (Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, u32, None),
-             (Keys.General.QUANTIZED_BY, "edgequant", GGUFValueType.STRING, None)]
+    u32, text = GGUFValueType.UINT32, GGUFValueType.STRING
+    extra = [] if plan.ftype is None else [(Keys.General.FILE_TYPE, FILE_TYPES[plan.ftype], u32,
+                                            None)]
+    extra += [(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, u32, None),
+              (Keys.General.QUANTIZED_BY, "edgequant", text, None),
+              (RECIPE_KEY, json.dumps(plan.recipe.to_dict(), separators=(",", ":")), text, None)]
     if plan.imatrix is not None:
         im = plan.imatrix
         extra += [("quantize.imatrix.entries_count", len(im), GGUFValueType.INT32, None),

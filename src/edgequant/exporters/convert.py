@@ -3,7 +3,7 @@
 :func:`convert` reads the model through its :class:`~edgequant.models.architectures.ArchSpec`
 (never a hard-coded module name) and returns a :class:`Conversion`: the float32 tensors under
 their GGUF names (loaded lazily, one at a time) and every metadata key. Encoding and writing
-live in :mod:`edgequant.gguf.export`.
+live in :mod:`edgequant.exporters.gguf`.
 
 What llama.cpp expects, and what is done here (``convert_hf_to_gguf.py`` of llama-cpp-python
 0.3.36 is the reference):
@@ -45,6 +45,7 @@ from gguf import GGUFValueType, Keys
 from torch import nn
 
 from ..errors import GGUFError
+from ..gguf.tokenizer import TokenizerKV, tokenizer_kv
 from ..models.architectures import (
     ArchSpec,
     block_list,
@@ -54,7 +55,6 @@ from ..models.architectures import (
     spec_for,
 )
 from ..nn.quant_linear import QuantLinear
-from .tokenizer import TokenizerKV, tokenizer_kv
 
 __all__ = ["Conversion", "KV", "SourceTensor", "convert", "hparams_kv", "permute_rows"]
 
