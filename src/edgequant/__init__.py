@@ -8,20 +8,35 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EdgequantError
-from .formats import QuantizedTensor, QuantScheme
-from .models.model import Model
-from .nn.recipe import Recipe
 
 if TYPE_CHECKING:
     import torch
 
+    from .formats import QuantizedTensor, QuantScheme
+    from .models.model import Model
+    from .nn.recipe import Recipe
+
 __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
            "evaluate", "export", "load", "open", "quantize", "__version__"]
+
+# Imported on first use, so that ``import edgequant`` (and every ``edgequant`` command's
+# start, ``--help`` included) costs no torch import.
+_LAZY = {"QuantScheme": ".formats", "QuantizedTensor": ".formats", "Model": ".models.model",
+         "Recipe": ".nn.recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
@@ -33,6 +48,7 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
     import torch
 
     from .models.artifact import is_artifact, load_artifact
+    from .models.model import Model
     from .models.sources import load_source
 
     dtype = dtype or torch.float32
@@ -48,6 +64,9 @@ def quantize(model: Model | str | Path, method: str = "rtn", scheme: str | Quant
              *, overrides: tuple[tuple[str, str], ...] = (), keep_dtype: str = "float16",
              calib: Any = None, inplace: bool = False, **method_options: Any) -> Model:
     """Quantize ``model`` with ``method`` under ``scheme`` (see ``QuantScheme`` short names)."""
+    from .formats import QuantScheme
+    from .models.model import Model
+    from .nn.recipe import Recipe
     from .pipeline import quantize_model
 
     if not isinstance(model, Model):

@@ -6,8 +6,12 @@ User errors (``EdgequantError``) print in one or two lines, no traceback, exit s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,11 @@ def _fail(e: EdgequantError) -> None:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command's work: what a library prints goes to stderr (stdout holds our results
+    alone, so ``--json`` output parses); user errors print in one line, exit status 2."""
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
     except EdgequantError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -85,31 +92,33 @@ def quantize(
     """Quantize SOURCE and save a native artifact."""
     from . import load
     from .data.calibration import calibration
+    from .formats import QuantScheme
     from .io_utils import check_output
-    from .methods.registry import parse_options
+    from .methods.registry import get_method, parse_options
+    from .models.artifact import artifact_info
     from .nn.recipe import Recipe
     from .pipeline import quantize_model
 
     def go() -> dict[str, Any]:
-        from .formats import QuantScheme
-
+        # every argument is checked before the model loads: a typo fails in a second
         check_output(output, force)
         recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
                         overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
                         keep_dtype=keep_dtype,
                         method_options=parse_options(option, "--set"))
+        get_method(recipe.method).make_config(recipe.method_options)
+        spec = calibration(calib, calib_samples, calib_len, seed, calib_dtype)
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
-        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed,
-                                                            calib_dtype),
-                           inplace=True, progress=_progress_fn(quiet))
+        q = quantize_model(model, recipe, calib=spec, inplace=True,
+                           progress=_progress_fn(quiet))
         q.save(output, force=force)
-        return _info_dict(output)
+        return artifact_info(output)
 
     info = _run(go)
     if as_json:
-        out.print_json(json.dumps(_public(info)))
+        typer.echo(json.dumps(info))
     elif not quiet:
         _print_info(info)
         console.print(f"[green]saved[/] {output}")
@@ -123,25 +132,6 @@ def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
             raise EdgequantError(f"{flag} takes {form}, not {item!r}")
         out.append((key, value))
     return out
-
-
-def _info_dict(path: Path) -> dict[str, Any]:
-    from . import load
-    from .models.artifact import WEIGHTS
-
-    model = load(path)
-    summary = model.summary()
-    weights = Path(path) / WEIGHTS
-    summary["size_bytes"] = weights.stat().st_size if weights.exists() else None
-    summary["dir_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) \
-        if Path(path).is_dir() else None
-    summary["source"] = model.source
-    summary["recipe"] = model.recipe.to_dict() if model.recipe else None
-    return summary
-
-
-def _public(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items()}
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -166,9 +156,11 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-layer schemes, bits per weight and sizes of an artifact."""
-    summary = _run(lambda: _info_dict(artifact))
+    from .models.artifact import artifact_info
+
+    summary = _run(lambda: artifact_info(artifact))
     if as_json:
-        out.print_json(json.dumps(_public(summary)))
+        typer.echo(json.dumps(summary))
     else:
         _print_info(summary)
 
@@ -178,15 +170,15 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """The models the zoo knows, and whether they are cached."""
     from .models import zoo
 
-    entries = zoo.list_models()
+    entries = zoo.catalog()
     if as_json:
-        out.print_json(json.dumps(entries, default=str))
+        typer.echo(json.dumps(entries))
         return
     table = Table()
     for col in ("name", "description", "cached"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e["name"], e.get("description", ""), "yes" if e.get("cached") else "no")
+        table.add_row(e["name"], e["description"], "yes" if e["cached"] else "no")
     out.print(table)
 
 
@@ -383,7 +375,27 @@ def report_cmd(
         console.print(f"[green]wrote[/] {path} and {path.with_name('report.html')}")
 
 
-def main() -> None:  # pragma: no cover
+#: loggers that warn about their own setup on every start, which a CLI user can do nothing
+#: about: torchao's CUDA-only kernels failing to load on a CPU machine, torch's deprecation of
+#: pytree registrations that torchao makes at import
+_SETUP_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def configure_process() -> None:
+    """Quiet the libraries for the ``edgequant`` command's own process (never for a library
+    user: only :func:`main` calls this). Their setup chatter and transformers' per-load
+    "Loading weights" bar are hidden (our own progress shows on stderr); their real errors
+    still print. Settings a user made in the environment win."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read at first import
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in _SETUP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:  # pragma: no cover  (tests run it in a subprocess)
+    configure_process()
     app()
 
 

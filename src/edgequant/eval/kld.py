@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ..data.fetch import cache_root
+from ..cache import cache_root
 from ..io_utils import atomic_file
 from .perplexity import Windows
 

@@ -80,6 +80,8 @@ def register_format(cls: type[NumberFormat]) -> type[NumberFormat]:
 
 
 def get_format(name: str) -> NumberFormat:
+    if name not in _REGISTRY:  # the formats register when their modules are first imported
+        from . import codebook, floating, integer, sign  # noqa: F401
     try:
         return _REGISTRY[name]
     except KeyError:
