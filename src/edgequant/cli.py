@@ -52,7 +52,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 def _progress_fn(quiet: bool) -> Callable[[Iterable[Any], int, str], Iterable[Any]]:
     def track(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-        if quiet or not sys.stderr.isatty() and total < 1:
+        if quiet or not console.is_terminal:  # a bar in a log file is only blank lines
             yield from items
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -95,7 +95,7 @@ def quantize(
     from .formats import QuantScheme
     from .io_utils import check_output
     from .methods.registry import get_method, parse_options
-    from .models.artifact import artifact_info
+    from .models.manifest import artifact_info
     from .nn.recipe import Recipe
     from .pipeline import quantize_model
 
@@ -145,9 +145,9 @@ def _print_info(info: dict[str, Any]) -> None:
     bpw = info["bits_per_weight"]
     out.print(f"parameters: {info['num_params']:,}   quantized layers: "
               f"{info['quantized_layers']}   bits/weight (quantized layers): "
-              f"{bpw:.4f}" if bpw else "-")
+              + (f"{bpw:.4f}" if bpw else "-"), soft_wrap=True)
     out.print(f"bits/weight (whole model): {info['bits_per_weight_total']:.4f}   "
-              f"weights on disk: {info['size_bytes'] or 0:,} bytes")
+              f"weights on disk: {info['size_bytes'] or 0:,} bytes", soft_wrap=True)
 
 
 @app.command()
@@ -156,7 +156,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-layer schemes, bits per weight and sizes of an artifact."""
-    from .models.artifact import artifact_info
+    from .models.manifest import artifact_info
 
     summary = _run(lambda: artifact_info(artifact))
     if as_json:
@@ -377,17 +377,21 @@ def report_cmd(
 
 #: loggers that warn about their own setup on every start, which a CLI user can do nothing
 #: about: torchao's CUDA-only kernels failing to load on a CPU machine, torch's deprecation of
-#: pytree registrations that torchao makes at import
-_SETUP_LOGGERS = ("torchao", "torch.utils._pytree")
+#: pytree registrations that torchao makes at import, bitsandbytes' optional CPU kernels
+_SETUP_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu")
+#: environment read by the libraries at import: their own progress bars (transformers'
+#: "Loading weights", compressed-tensors' "Decompressing model", all tqdm) and log levels
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+              "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": "ERROR"}
 
 
 def configure_process() -> None:
     """Quiet the libraries for the ``edgequant`` command's own process (never for a library
-    user: only :func:`main` calls this). Their setup chatter and transformers' per-load
-    "Loading weights" bar are hidden (our own progress shows on stderr); their real errors
-    still print. Settings a user made in the environment win."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read at first import
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    user: only :func:`main` calls this). Their setup chatter and progress bars are hidden (our
+    own progress shows on stderr); their errors still print. Settings a user made in the
+    environment win; the fresh processes that measure speed and memory inherit these."""
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     for name in _SETUP_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,9 +43,15 @@ class PeerUnavailableError(PeerError, ImportError):
 
 
 def require(module: str, dist: str | None = None) -> Any:
-    """Import ``module`` (a peer's library) or raise :class:`PeerUnavailableError`."""
+    """Import ``module`` (a peer's library) or raise :class:`PeerUnavailableError`.
+
+    What the library prints while it is first imported goes to stderr, and so do the log
+    sinks it sets up then (llmcompressor adds a loguru sink on ``sys.stdout`` at import):
+    stdout is the caller's, for results such as ``edgequant eval --json``.
+    """
     try:
-        return importlib.import_module(module)
+        with contextlib.redirect_stdout(sys.stderr):
+            return importlib.import_module(module)
     except ImportError as e:  # also catches a monkeypatched None in sys.modules
         raise PeerUnavailableError(
             f"{dist or module} is not importable ({e}); install the peer tools with "
