@@ -18,7 +18,7 @@ import copy
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -44,6 +44,9 @@ from .manifest import (
     read_manifest,
 )
 from .model import Model, quantized_tensor_names
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["MANIFEST", "WEIGHTS", "artifact_info", "is_artifact", "load_artifact",
            "read_manifest", "save_artifact", "stored_quantized_tensors"]
@@ -84,9 +87,15 @@ def save_artifact(model: Model, path: Path, force: bool = False) -> Path:
     if model.recipe is None:
         raise ArtifactError("only quantized models are saved as edgequant artifacts; "
                             "quantize it first (eq.quantize) or export it (eq.export)")
+    from transformers import PretrainedConfig
+
     tensors, tied = _stored_tensors(model)
     with atomic_dir(path, force=force) as tmp:
-        config = copy.deepcopy(model.module.config)  # the caller's model stays as it was
+        config = model.module.config
+        if not isinstance(config, PretrainedConfig):
+            raise ArtifactError(f"{type(model.module).__name__} is not a transformers model "
+                                "(it has no PretrainedConfig); an artifact cannot describe it")
+        config = copy.deepcopy(config)  # the caller's model stays as it was
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         config.save_pretrained(tmp)
@@ -125,7 +134,15 @@ def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise ArtifactError(f"{weights} is not a readable safetensors file: {e}") from None
 
 
-def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def layer_class(record: dict[str, Any]) -> type[QuantLinear]:
+    """The quantized module class a manifest's layer record names."""
+    cls = module_class(record.get("module", "quant_linear"))
+    if not issubclass(cls, QuantLinear):
+        raise ArtifactError(f"{cls.__name__} is not a quantized linear layer")
+    return cls
+
+
+def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
     """The model's modules with QuantLinear in place, weights uninitialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -143,7 +160,7 @@ def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Mo
     with no_init_weights():
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, rec in manifest["layers"].items():
-        layer = module_class(rec.get("module", "quant_linear")).skeleton(rec, where=name)
+        layer = layer_class(rec).skeleton(rec, where=name)
         try:
             replace_module(module, name, layer)
         except AttributeError:

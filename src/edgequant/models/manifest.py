@@ -98,10 +98,7 @@ def artifact_info(path: str | Path) -> dict[str, Any]:
 
 def _quantized_tensors_of(layers: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """What :data:`QUANTIZED_TENSORS` lists, from each layer's empty module (torch)."""
-    from ..nn.modules import module_class
+    from .artifact import layer_class
 
-    out = {}
-    for name, rec in layers.items():
-        layer: Any = module_class(rec.get("module", "quant_linear")).skeleton(rec, where=name)
-        out[name] = sorted(layer.quantized().tensors())
-    return out
+    return {name: sorted(layer_class(rec).skeleton(rec, where=name).quantized().tensors())
+            for name, rec in layers.items()}
