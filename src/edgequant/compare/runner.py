@@ -39,7 +39,6 @@ from ..versions import installed_versions
 from .matrix import Cell, Settings, cell_config, cell_hash, eval_hash
 from .store import Store, now
 
-Track = Callable[[Iterable[Any], int, str], Iterable[Any]]
 _VERSIONED = ("numpy", "gguf", "safetensors", "llama_cpp_python", "bitsandbytes", "hqq",
               "llmcompressor", "gptqmodel", "optimum-quanto", "torchao", "matplotlib")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +23,9 @@ from typing import Any
 from ..backends.base import Runnable, open_runnable
 from ..compute import resolve_compute_dtype
 from ..errors import EvaluationError
+from ..progress import Progress
 from ..versions import installed_versions
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 METRICS = ("ppl", "kld", "tasks", "speed", "memory", "size", "generate")
 
 
