@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EdgequantError
+from .lazy import lazy_attributes
 
 if TYPE_CHECKING:
     import torch
@@ -25,18 +25,10 @@ __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
            "evaluate", "export", "load", "open", "quantize", "__version__"]
 
-# Imported on first use, so that ``import edgequant`` (and every ``edgequant`` command's
-# start, ``--help`` included) costs no torch import.
-_LAZY = {"QuantScheme": ".formats", "QuantizedTensor": ".formats", "Model": ".models.model",
-         "Recipe": ".nn.recipe"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# imported on first use: ``import edgequant`` (and every command's start) costs no torch
+__getattr__ = lazy_attributes(__name__, {
+    "QuantScheme": ".formats", "QuantizedTensor": ".formats", "Model": ".models.model",
+    "Recipe": ".nn.recipe"})
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:

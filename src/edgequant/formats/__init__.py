@@ -6,9 +6,9 @@ the rest is imported on first use, and :func:`get_format` registers every format
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_attributes
 from .scheme import QuantScheme
 
 if TYPE_CHECKING:
@@ -18,13 +18,6 @@ if TYPE_CHECKING:
 __all__ = ["NumberFormat", "QuantScheme", "QuantizedTensor", "get_format", "quantize_tensor",
            "register_format"]
 
-_LAZY = {"NumberFormat": ".base", "get_format": ".base", "register_format": ".base",
-         "QuantizedTensor": ".tensor", "quantize_tensor": ".tensor"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {
+    "NumberFormat": ".base", "get_format": ".base", "register_format": ".base",
+    "QuantizedTensor": ".tensor", "quantize_tensor": ".tensor"})
