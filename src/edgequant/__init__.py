@@ -12,16 +12,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EdgequantError
-from .formats import QuantizedTensor, QuantScheme
-from .models.model import Model
-from .recipe import Recipe
+from .lazy import lazy_attributes
 
 if TYPE_CHECKING:
     import torch
 
+    from .formats import QuantizedTensor, QuantScheme
+    from .models.model import Model
+    from .recipe import Recipe
+
 __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
            "evaluate", "export", "load", "open", "quantize", "__version__"]
+
+# imported on first use: ``import edgequant`` (and every command's start) costs no torch
+__getattr__ = lazy_attributes(__name__, {
+    "QuantScheme": ".formats", "QuantizedTensor": ".formats", "Model": ".models.model",
+    "Recipe": ".recipe"})
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
@@ -33,6 +40,7 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
     import torch
 
     from .models.artifact import is_artifact, load_artifact
+    from .models.model import Model
     from .models.sources import load_source
 
     dtype = dtype or torch.float32
@@ -64,8 +72,10 @@ def quantize(model: Model | str | Path, recipe: Recipe | str = "rtn",
     Example:
         >>> q = eq.quantize("smollm2-135m", "awq+gptq", "w4g64-asym", act_order=True)
     """
+    from .models.model import Model
     from .pipeline import quantize_model
-    from .statistics import no_progress
+    from .progress import no_progress
+    from .recipe import Recipe
 
     if not isinstance(recipe, Recipe):
         recipe = Recipe.parse(recipe, scheme, options, formats=tuple(overrides),
@@ -78,9 +88,10 @@ def quantize(model: Model | str | Path, recipe: Recipe | str = "rtn",
                           progress=progress or no_progress)
 
 
-def export(model: Model | str | Path, path: str | Path, ftype: str = "Q4_K_M", **options: Any
-           ) -> Path:
-    """Write ``model`` as a GGUF file for llama.cpp (``imatrix=``, ``calib=``, ``force=``).
+def export(model: Model | str | Path, path: str | Path, ftype: str | Recipe = "Q4_K_M",
+           **options: Any) -> Path:
+    """Write ``model`` as a GGUF file for llama.cpp: a llama.cpp file type or a ``Recipe`` of
+    GGML types per layer (``imatrix=``, ``calib=``, ``gptq=``, ``overrides=``, ``force=``).
     See :func:`edgequant.exporters.gguf.export`."""
     from .exporters.gguf import export as _export
 

@@ -6,8 +6,12 @@ User errors (``EdgequantError``) print in one or two lines, no traceback, exit s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,11 @@ def _fail(e: EdgequantError) -> None:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command's work: what a library prints goes to stderr (stdout holds our results
+    alone, so ``--json`` output parses); user errors print in one line, exit status 2."""
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
     except EdgequantError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -45,7 +52,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 def _progress_fn(quiet: bool) -> Callable[[Iterable[Any], int, str], Iterable[Any]]:
     def track(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-        if quiet or not sys.stderr.isatty() and total < 1:
+        if quiet or not console.is_terminal:  # a bar in a log file is only blank lines
             yield from items
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -93,6 +100,7 @@ def quantize(
         from .data.calibration import calibration
         from .io_utils import check_output
         from .methods.registry import parse_options
+        from .models.manifest import artifact_info
         from .recipe import Recipe
 
         # everything the user typed is checked before the model is loaded
@@ -107,11 +115,11 @@ def quantize(
         q = eq_quantize(load(source), plan, calib=spec, inplace=True,
                         progress=_progress_fn(quiet))
         q.save(output, force=force)
-        return _info_dict(output)
+        return artifact_info(output)
 
     info = _run(go)
     if as_json:
-        out.print_json(json.dumps(_public(info)))
+        typer.echo(json.dumps(info))
     elif not quiet:
         _print_info(info)
         console.print(f"[green]saved[/] {output}")
@@ -127,25 +135,6 @@ def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
     return out
 
 
-def _info_dict(path: Path) -> dict[str, Any]:
-    from . import load
-    from .models.artifact import WEIGHTS
-
-    model = load(path)
-    summary = model.summary()
-    weights = Path(path) / WEIGHTS
-    summary["size_bytes"] = weights.stat().st_size if weights.exists() else None
-    summary["dir_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) \
-        if Path(path).is_dir() else None
-    summary["source"] = model.source
-    summary["recipe"] = model.recipe.to_dict() if model.recipe else None
-    return summary
-
-
-def _public(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items()}
-
-
 def _print_info(info: dict[str, Any]) -> None:
     table = Table(title="quantized layers", show_lines=False)
     for col in ("layer", "scheme", "shape", "bits/weight", "bytes"):
@@ -157,9 +146,9 @@ def _print_info(info: dict[str, Any]) -> None:
     bpw = info["bits_per_weight"]
     out.print(f"parameters: {info['num_params']:,}   quantized layers: "
               f"{info['quantized_layers']}   bits/weight (quantized layers): "
-              f"{bpw:.4f}" if bpw else "-")
+              + (f"{bpw:.4f}" if bpw else "-"), soft_wrap=True)
     out.print(f"bits/weight (whole model): {info['bits_per_weight_total']:.4f}   "
-              f"weights on disk: {info['size_bytes'] or 0:,} bytes")
+              f"weights on disk: {info['size_bytes'] or 0:,} bytes", soft_wrap=True)
 
 
 @app.command()
@@ -168,9 +157,11 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-layer schemes, bits per weight and sizes of an artifact."""
-    summary = _run(lambda: _info_dict(artifact))
+    from .models.manifest import artifact_info
+
+    summary = _run(lambda: artifact_info(artifact))
     if as_json:
-        out.print_json(json.dumps(_public(summary)))
+        typer.echo(json.dumps(summary))
     else:
         _print_info(summary)
 
@@ -180,15 +171,15 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """The models the zoo knows, and whether they are cached."""
     from .models import zoo
 
-    entries = zoo.list_models()
+    entries = zoo.catalog()
     if as_json:
-        out.print_json(json.dumps(entries, default=str))
+        typer.echo(json.dumps(entries))
         return
     table = Table()
     for col in ("name", "description", "cached"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e["name"], e.get("description", ""), "yes" if e.get("cached") else "no")
+        table.add_row(e["name"], e["description"], "yes" if e["cached"] else "no")
     out.print(table)
 
 
@@ -389,7 +380,31 @@ def report_cmd(
         console.print(f"[green]wrote[/] {path} and {path.with_name('report.html')}")
 
 
-def main() -> None:  # pragma: no cover
+#: loggers that warn about their own setup on every start, which a CLI user can do nothing
+#: about: torchao's CUDA-only kernels failing to load on a CPU machine, torch's deprecation of
+#: pytree registrations that torchao makes at import, bitsandbytes' optional CPU kernels
+_SETUP_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu")
+#: environment read by the libraries at import: their own progress bars (transformers'
+#: "Loading weights", compressed-tensors' "Decompressing model", all tqdm) and log levels
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+              "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": "ERROR"}
+
+
+def configure_process() -> None:
+    """Quiet the libraries for the ``edgequant`` command's own process (never for a library
+    user: only :func:`main` calls this). Their setup chatter and progress bars are hidden (our
+    own progress shows on stderr); their errors still print. Settings a user made in the
+    environment win; the fresh processes that measure speed and memory inherit these."""
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in _SETUP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:  # pragma: no cover  (tests run it in a subprocess)
+    configure_process()
     app()
 
 

@@ -27,15 +27,9 @@ from .methods.registry import Quantizer, Transform, step_of
 from .models.model import Model
 from .nn.modules import module_class
 from .nn.surgery import plan_layers, replace_module, round_kept_tensors, untie_if_needed
+from .progress import Progress, no_progress
 from .recipe import Recipe
-from .statistics import (
-    BlockInputs,
-    Progress,
-    collect,
-    compute_context,
-    no_progress,
-    walk_blocks,
-)
+from .statistics import BlockInputs, collect, compute_context, walk_blocks
 
 
 @dataclass

@@ -33,13 +33,9 @@ from torch import nn
 from .data.calibration import Calibration
 from .models.architectures import ArchSpec, block_list, spec_for
 from .observers.stats import Statistic, make_statistics
+from .progress import Progress, no_progress
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 MAX_BATCH = 8
-
-
-def no_progress(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-    return items
 
 
 @dataclass

@@ -150,3 +150,36 @@ def test_a_busy_machine_is_a_caveat() -> None:
     idle = caveats([_row("m")], Settings(), {"loadavg": [0.5, 1, 1], "cpus": 2})
     assert any("machine was busy" in c and "9.5" in c for c in busy)
     assert not any("busy" in c for c in idle)
+
+
+def test_html_shows_no_raw_markdown(report_dir: Path) -> None:
+    """The HTML renders the report's inline Markdown (status **done**, `cell` names in the
+    recommendations, setup and equal-memory table) instead of printing its marks."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chunks: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag: str, attrs: object) -> None:
+            self.skip += tag in ("style", "title")
+
+        def handle_endtag(self, tag: str) -> None:
+            self.skip -= tag in ("style", "title")
+
+        def handle_data(self, data: str) -> None:
+            if not self.skip:
+                self.chunks.append(data)
+
+    html = (report_dir / "report.html").read_text()
+    parser = Text()
+    parser.feed(html)
+    text = "".join(parser.chunks)
+    assert "**" not in text and "`" not in text, [line for line in text.splitlines()
+                                                   if "**" in line or "`" in line]
+    assert "status <strong>done</strong>" in html
+    md = (report_dir / "report.md").read_text()
+    short = md.split("## Recommendations")[1].split("`")[1]  # the first recommended cell
+    assert f"<code>{short}</code>" in html.split("<h2>Recommendations</h2>")[1]

@@ -23,7 +23,6 @@ and passed in, so tests can inject fakes and failing backends.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata as md
 import math
 import os
 import platform
@@ -36,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgequantError
+from ..versions import installed_versions
 from .matrix import Cell, Settings, cell_config, cell_hash, eval_hash
 from .store import Store, now
 
-Track = Callable[[Iterable[Any], int, str], Iterable[Any]]
-_VERSIONED = ("edgequant", "torch", "transformers", "numpy", "gguf", "safetensors",
-              "llama_cpp_python", "bitsandbytes", "hqq", "llmcompressor", "gptqmodel",
-              "optimum-quanto", "torchao", "matplotlib")
+_VERSIONED = ("numpy", "gguf", "safetensors", "llama_cpp_python", "bitsandbytes", "hqq",
+              "llmcompressor", "gptqmodel", "optimum-quanto", "torchao", "matplotlib")
 
 
 @dataclass
@@ -587,8 +585,5 @@ def _mem_gb() -> float | None:
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for pkg in _VERSIONED:
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
+    """The installed versions of every library a compare's numbers may depend on."""
+    return installed_versions(*_VERSIONED)

@@ -214,9 +214,6 @@ class Store:
                 (cell_hash, cell["model"], cell["kind"], cell["method"], cell["scheme"],
                  cell["tool"], label, eval_hash, _j(config), now()))
 
-    def done_hashes(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT DISTINCT cell_hash FROM results")}
-
     def is_done(self, cell_hash: str) -> bool:
         return self.db.execute("SELECT 1 FROM results WHERE cell_hash=? LIMIT 1",
                                (cell_hash,)).fetchone() is not None

@@ -15,16 +15,17 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Runnable, open_runnable
 from ..compute import resolve_compute_dtype
 from ..errors import EvaluationError
+from ..progress import Progress
+from ..versions import installed_versions
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 METRICS = ("ppl", "kld", "tasks", "speed", "memory", "size", "generate")
 
 
@@ -180,7 +181,7 @@ def evaluate(target: Any, metrics: Sequence[str] | None = None,
 def _run(r: Runnable, wanted: list[str], cfg: EvalConfig, progress: Progress | None
          ) -> EvalResult:
     res = EvalResult(model=r.identity(), backend=r.backend, metrics=wanted,
-                     versions=_versions())
+                     versions=installed_versions("llama_cpp_python"))
     if res.model.get("llama_extra_bufts") is False:
         res.notes.append("llama.cpp ran without its extra buffer types (AMX kernels, weight "
                          "repacking): they crash on this machine (see "
@@ -344,13 +345,3 @@ class _Timer:
             yield
         finally:
             self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("edgequant", "torch", "transformers", "llama_cpp_python"):
-        with suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out

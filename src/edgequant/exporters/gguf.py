@@ -56,8 +56,8 @@ from ..gguf.reader import inspect_gguf
 from ..io_utils import atomic_file, check_output
 from ..methods.gptq import GPTQConfig
 from ..methods.rtn import RTNConfig
+from ..progress import Progress, no_progress
 from ..recipe import Recipe
-from ..statistics import Progress, no_progress
 from .convert import Conversion, convert
 from .imatrix import collect
 

@@ -24,7 +24,8 @@ from ..data.calibration import CalibrationSpec, resolve
 from ..errors import GGUFError
 from ..gguf.imatrix import ImportanceMatrix
 from ..models.architectures import spec_for
-from ..statistics import Progress, collect_statistics, no_progress
+from ..progress import Progress, no_progress
+from ..statistics import collect_statistics
 
 #: llama-imatrix computes in the model's precision: float32 forwards unless asked otherwise
 DEFAULT_CALIBRATION = CalibrationSpec(n=64, seq_len=512, compute_dtype="float32")
