@@ -75,7 +75,7 @@ def quantize_model(model: Model, recipe: Recipe,
 
 def _quantize_layer(module: nn.Module, name: str, scheme: QuantScheme, quantizer: Quantizer,
                     config: Any, stats: dict[str, Any]) -> dict[str, Any]:
-    linear = module.get_submodule(name)
+    linear: Any = module.get_submodule(name)
     try:
         qt = quantizer.quantize_weight(linear.weight.detach(), scheme, stats, config)
     except WeightError as e:
@@ -83,16 +83,16 @@ def _quantize_layer(module: nn.Module, name: str, scheme: QuantScheme, quantizer
     except EdgequantError as e:
         raise type(e)(f"layer {name}: {e}") from None
     cls = module_class(quantizer.module)
-    new = cls.from_quantized(qt, linear.bias, stats, config)  # type: ignore[attr-defined]
+    new: Any = cls.from_quantized(qt, linear.bias, stats, config)  # type: ignore[attr-defined]
     replace_module(module, name, new)
     return layer_record(new, quantizer)
 
 
-def layer_record(layer: nn.Module, quantizer: Quantizer) -> dict[str, Any]:
+def layer_record(layer: Any, quantizer: Quantizer) -> dict[str, Any]:
     """A quantized layer's manifest entry: enough to rebuild its skeleton for loading."""
-    return {"scheme": layer.scheme.to_dict(), "method": quantizer.name,  # type: ignore[union-attr]
+    return {"scheme": layer.scheme.to_dict(), "method": quantizer.name,
             "module": quantizer.module, "shape": [layer.out_features, layer.in_features],
-            "bias": layer.bias is not None, **layer.record_extra()}  # type: ignore[operator]
+            "bias": layer.bias is not None, **layer.record_extra()}
 
 
 @torch.no_grad()

@@ -148,9 +148,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        from .methods.registry import step_of
+        from .methods.registry import get_quantizer
 
-        return bool(self.transforms) or bool(step_of(self.quantizer).needs)
+        return bool(self.transforms) or bool(get_quantizer(self.quantizer_name).needs)
 
     # --- per-layer formats --------------------------------------------------------------
 
@@ -283,7 +283,7 @@ def _split_options(steps: list[Any], options: dict[str, Any], spec: str
 
 def _from_v0(d: Mapping[str, Any]) -> Recipe:
     """Artifacts written before recipes were versioned."""
-    scheme = QuantScheme.from_dict(d["scheme"]).name if isinstance(d["scheme"], Mapping) \
+    scheme = QuantScheme.from_dict(dict(d["scheme"])).name if isinstance(d["scheme"], Mapping) \
         else str(d["scheme"])
     r = Recipe.parse(d["method"], scheme, d.get("method_options") or {},
                      formats=tuple((str(p), str(s)) for p, s in d.get("overrides", [])),

@@ -169,8 +169,8 @@ def collect(item: BlockInputs, paths: Iterable[str], needs: frozenset[str] | set
     the block) and return their accumulated statistics (see the module docstring for the
     sharing of identical inputs)."""
     block = item.block
-    stats = {p: make_statistics(needs, block.get_submodule(p).in_features, config)
-             for p in paths}
+    stats = {p: make_statistics(needs, int(block.get_submodule(p).in_features),  # type: ignore[arg-type]
+                                config) for p in paths}
     if not any(stats.values()):
         return stats
     shared: set[str] = set()                        # paths aliased to an earlier layer's stats

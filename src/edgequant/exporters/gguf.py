@@ -283,8 +283,9 @@ def write_gguf(plan: ExportPlan, path: Path, progress: Progress = no_progress) -
 
 def _file_kv(plan: ExportPlan) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
     u32, text = GGUFValueType.UINT32, GGUFValueType.STRING
-    extra = [] if plan.ftype is None else [(Keys.General.FILE_TYPE, FILE_TYPES[plan.ftype], u32,
-                                            None)]
+    extra: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
+    if plan.ftype is not None:
+        extra.append((Keys.General.FILE_TYPE, FILE_TYPES[plan.ftype], u32, None))
     extra += [(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, u32, None),
               (Keys.General.QUANTIZED_BY, "edgequant", text, None),
               (RECIPE_KEY, json.dumps(plan.recipe.to_dict(), separators=(",", ":")), text, None)]

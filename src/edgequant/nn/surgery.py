@@ -5,6 +5,8 @@ computes exactly what its saved artifact will.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -34,8 +36,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def untie_if_needed(model: nn.Module, plan: dict[str, QuantScheme]) -> None:
-    """Quantizing a tied lm_head must not quantize the input embeddings with it."""
+def untie_if_needed(model: Any, plan: dict[str, QuantScheme]) -> None:
+    """Quantizing a tied lm_head must not quantize the input embeddings with it (``model``:
+    a transformers causal LM)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if out is None or inp is None or out.weight is not inp.weight:
