@@ -118,7 +118,7 @@ def _reset_peak_rss() -> bool:
 
 def child_main(request_path: str) -> None:
     """The child's side: load, measure, print one ``MARKER`` JSON line."""
-    from ..backends.base import open_runnable
+    from ..backends.base import engine_of, open_runnable
     from .speed import measure_speed
 
     req = json.loads(Path(request_path).read_text())
@@ -130,7 +130,7 @@ def child_main(request_path: str) -> None:
     split = _reset_peak_rss()
     try:
         runtime = getattr(runnable, "runtime", None)
-        speed = measure_speed(runnable, req["prompt"], req["new_tokens"], req["runs"],
+        speed = measure_speed(engine_of(runnable), req["prompt"], req["new_tokens"], req["runs"],
                               req["warmup"])
     finally:
         runnable.close()
