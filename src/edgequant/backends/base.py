@@ -212,6 +212,7 @@ def open_runnable(source: Any, backend: str | None = None, **options: Any) -> Ru
     Example:
         >>> with eq.open("smollm2-135m") as r:
         ...     r.logits(r.tokenize("Hello"))
+        ...     r.generate("Hello", max_tokens=8).text   # the torch/llama.cpp ones are engines
     """
     if isinstance(source, Runnable):
         return source

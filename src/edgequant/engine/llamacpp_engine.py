@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import weakref
@@ -39,10 +38,17 @@ from .base import Engine, EngineState
 from .sampling import EngineError
 
 _PROBE = """\
-import sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=1, verbose=False)
-llm.eval([llm.token_bos() if llm.token_bos() >= 0 else 0] * 8)
-print("ok")
+import sys, llama_cpp as lib
+from llama_cpp import _internals
+mp = lib.llama_model_default_params()
+mp.n_gpu_layers, mp.use_extra_bufts = 0, sys.argv[2] == "1"
+model = _internals.LlamaModel(path_model=sys.argv[1], params=mp, verbose=False)
+cp = lib.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 64, 64, 64, 1, 1
+ctx = _internals.LlamaContext(model=model, params=cp, verbose=False)
+batch = _internals.LlamaBatch(n_tokens=8, embd=0, n_seq_max=1, verbose=False)
+batch.set_batch([max(model.token_bos(), 0)] * 8, n_past=0, logits_all=False)
+sys.exit(lib.llama_decode(ctx.ctx, batch.batch))
 """
 CTX_STEP = 256
 
@@ -51,10 +57,12 @@ def extra_bufts_supported(path: Path, file_type: str | None = None) -> bool:
     """Whether llama.cpp's extra buffer types (AMX kernels, weight repacking) run here.
 
     Some virtual machines advertise AMX in CPUID but fault on its instructions (SIGILL in
-    ``tilezero``); a llama-cpp-python built with ``GGML_NATIVE`` then crashes on the first
-    quantized matmul. This runs one tiny evaluation of ``path`` in a subprocess, once per
-    (llama-cpp-python version, CPU flags, kernel, GGUF file type), and remembers the verdict
-    in ``<cache>/llama-cpp-probe.json``. ``EDGEQUANT_LLAMA_EXTRA_BUFTS=0|1`` overrides it.
+    ``tilezero``, or SIGSEGV); a llama-cpp-python built with ``GGML_NATIVE`` then crashes on
+    the first quantized matmul. This runs one tiny evaluation of ``path`` in a subprocess
+    with them, and when that dies of a signal, one without them: they are off when only the
+    second runs. The verdict is remembered in ``<cache>/llama-cpp-probe.json`` per
+    (llama-cpp-python version, CPU flags, kernel, GGUF file type).
+    ``EDGEQUANT_LLAMA_EXTRA_BUFTS=0|1`` overrides it.
     """
     env = os.environ.get("EDGEQUANT_LLAMA_EXTRA_BUFTS")
     if env in ("0", "1"):
@@ -67,11 +75,14 @@ def extra_bufts_supported(path: Path, file_type: str | None = None) -> bool:
     except (OSError, ValueError):
         verdicts = {}
     if key not in verdicts:
-        res = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
-                             text=True, check=False, timeout=600)
-        if res.returncode != 0 and res.returncode != -signal.SIGILL:
+        def probe(extra: bool) -> int:
+            return subprocess.run([sys.executable, "-c", _PROBE, str(path), str(int(extra))],
+                                  capture_output=True, check=False, timeout=600).returncode
+
+        with_them = probe(True)
+        if with_them > 0 or (with_them < 0 and probe(False) != 0):
             return True  # some other failure: let the real load report it
-        verdicts[key] = res.returncode == 0
+        verdicts[key] = with_them == 0
         from ..io_utils import atomic_file
 
         with atomic_file(store) as tmp:
