@@ -239,7 +239,6 @@ class LlamaCppEngine(Engine):
         params.n_threads = params.n_threads_batch = self.threads
         params.n_seq_max = self._parallel
         params.kv_unified = True          # the sequences share the cells, as slots do
-        params.n_outputs_max_per_seq = 0  # scoring asks a logits row for every position
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama
         params.no_perf = False
         try:

@@ -8,6 +8,7 @@ the module for the last ``rows`` positions' logits only (``logits_to_keep``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -77,7 +78,7 @@ class TorchEngine(Engine):
 
     @property
     def device(self) -> torch.device:
-        for t in [*self.module.parameters(), *self.module.buffers()][:1]:
+        for t in itertools.chain(self.module.parameters(), self.module.buffers()):
             return t.device  # type: ignore[no-any-return]
         return torch.device("cpu")
 

@@ -10,7 +10,7 @@ warm caches and allocators). Loading is never timed. The thread count the backen
 with is recorded.
 
 No torch here: :mod:`edgequant.eval.memory` runs this in a fresh process that, for a GGUF
-file, holds only llama.cpp.
+file, holds only llama.cpp (and nothing but the standard library before the model loads).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.base import Engine
-from ..engine.sampling import greedy
+if TYPE_CHECKING:
+    from ..engine.base import Engine
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 128
@@ -59,6 +59,8 @@ def time_generation(engine: Engine, prompt_ids: Sequence[int], new_tokens: int,
     """One timed run: seconds for the prefill of ``prompt_ids`` (giving the first new
     token), and seconds for ``new_tokens`` greedy decode steps after it, on a fresh state
     (of ``capacity`` tokens; default just enough)."""
+    from ..engine.sampling import greedy
+
     state = engine.new_state(capacity or len(prompt_ids) + new_tokens)
     try:
         t0 = time.perf_counter()
