@@ -34,7 +34,7 @@ def test_greedy_generation_equals_argmax_of_full_sequence_logits(engine):
     assert res.token_ids == ids[len(prompt):]
     assert res.finish_reason == "length" and res.completion_tokens == 16
     assert res.prompt_tokens == len(prompt)
-    assert res.text == engine.detokenize(res.token_ids)
+    assert res.text == engine.detokenize(res.token_ids) == str(res)
     assert 0 < res.ttft_s <= res.total_s and res.prefill_s > 0 and res.decode_s > 0
 
 

@@ -91,6 +91,10 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        """The text: ``print(engine.generate(...))`` prints what the model said."""
+        return self.text
+
 
 class Engine(ABC):
     """A model that computes next-token logits on explicit states, and generates.
