@@ -99,8 +99,16 @@ def export(model: Model | str | Path, path: str | Path, ftype: str | Recipe = "Q
 
 
 def open(source: Any, backend: str | None = None, **options: Any) -> Any:  # noqa: A001
-    """A ``Runnable`` of ``source``: a ``.gguf`` file (llama.cpp), a ``Model``, or anything
-    ``load`` takes (torch). See :func:`edgequant.backends.base.open_runnable`."""
+    """The model ``source`` opened to run: a ``.gguf`` file (llama.cpp), a ``Model``, or
+    anything ``load`` takes (torch). What it returns is an inference
+    :class:`~edgequant.engine.Engine` (``generate``, ``chat``, states with ``prefill``/
+    ``decode``) and the ``Runnable`` that ``evaluate`` scores. See
+    :func:`edgequant.backends.base.open_runnable`.
+
+    Example:
+        >>> with eq.open("out/smollm2.gguf") as engine:
+        ...     print(engine.generate("The capital of France is", max_tokens=16).text)
+    """
     from .backends.base import open_runnable
 
     return open_runnable(source, backend=backend, **options)

@@ -188,7 +188,7 @@ def test_f32_export_runs_in_llama_cpp_like_transformers(models, arch: str, tmp_p
         text = " ".join(TEXT[:2])
         assert r.tokenize(text) == model.tokenizer.encode(text, add_special_tokens=False)
         got = r.logits(ids)
-        out = r.generate(ids[:8], 4, stop_at_eos=False)
+        out = r.generate(ids[:8], max_tokens=4, ignore_eos=True).token_ids
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) < 2e-3 * float(ref.abs().max())
     assert len(out) == 4 and out[0] == int(ref[7].argmax())

@@ -258,9 +258,9 @@ def test_smollm2_q4_k_m(smollm2_dir, tmp_path) -> None:
     ppl_ref = eq.evaluate(str(ref), ["ppl"], **opts).ppl
     assert abs(ppl_ours / ppl_ref - 1) < 0.01
     with eq.open(str(ours)) as r:
-        prompt = r.tokenize(r.chat_prompt("What is the capital of France?"), special=True)
-        out = r.generate(prompt, 16)
-        assert len(out) > 0 and r.detokenize(out).strip()
+        out = r.chat([{"role": "user", "content": "What is the capital of France?"}],
+                     max_tokens=16)
+        assert out.completion_tokens > 0 and out.text.strip()
 
 
 @pytest.mark.slow

@@ -461,7 +461,7 @@ SCALARS = ("ppl", "nll_mean", "windows", "tokens_scored", "kld_mean", "kld_media
 
 def evaluate_cell(made: Made, ctx: CellContext) -> Evaluation:
     """``eq.evaluate`` of the artifact with the run's settings, plus greedy generations."""
-    from ..backends.base import open_runnable
+    from ..backends.base import engine_of, open_runnable
     from ..eval.evaluate import EvalConfig, evaluate
     from ..eval.generate import PROMPTS, generate_samples
 
@@ -494,7 +494,8 @@ def evaluate_cell(made: Made, ctx: CellContext) -> Evaluation:
             t0 = time.perf_counter()
             try:
                 with getattr(r, "weights_cached", contextlib.nullcontext)():  # quality, not speed
-                    gens = generate_samples(r, PROMPTS[:s.generate_prompts], s.generate_tokens)
+                    gens = generate_samples(engine_of(r), PROMPTS[:s.generate_prompts],
+                                            s.generate_tokens)
             except Exception as e:  # noqa: BLE001 - recorded with the result
                 partial.append(("evaluate:generate", e))
             gen_s = time.perf_counter() - t0

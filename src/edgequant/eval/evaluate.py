@@ -20,7 +20,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import Runnable, open_runnable
+from ..backends.base import Runnable, engine_of, open_runnable
 from ..compute import resolve_compute_dtype
 from ..errors import EvaluationError
 from ..progress import Progress
@@ -267,7 +267,7 @@ def _generations(r: Runnable, cfg: EvalConfig, res: EvalResult, timer: _Timer) -
     from .generate import generate_samples, save_generations
 
     with timer("generate"):
-        res.generations = generate_samples(r, max_new_tokens=cfg.generate_tokens)
+        res.generations = generate_samples(engine_of(r), max_new_tokens=cfg.generate_tokens)
     if cfg.generate_out:
         meta = {"model": res.model, "backend": r.backend, "max_new_tokens": cfg.generate_tokens,
                 "greedy": True}
@@ -284,7 +284,8 @@ def _speed_memory(r: Runnable, stream: Any, cfg: EvalConfig, res: EvalResult) ->
         if spec is None:
             res.notes.append(f"{r.name} cannot be reopened in a fresh process: speed measured "
                              "in this process, memory not measured")
-            sp = measure_speed(r, prompt, cfg.new_tokens, cfg.speed_runs, cfg.warmup).to_dict()
+            sp = measure_speed(engine_of(r), prompt, cfg.new_tokens, cfg.speed_runs,
+                               cfg.warmup).to_dict()
         else:
             options = r.reopen_options()
             if "dtype" in options:  # a torch model: reopened in the deployment dtype
