@@ -128,7 +128,7 @@ def compare(*sources: str, preset: str = "quick", methods: Any = None,
     ``paper``, ``full``) or ``methods``, measure each result the same way, store everything in
     ``out_dir/results.db`` (finished cells are skipped: a stopped run resumes) and write
     ``report.md``/``report.html``. Returns a ``CompareResult``.
-    See :func:`edgequant.compare.compare`."""
-    from .compare import compare as _compare
+    See :func:`edgequant.comparison.compare`."""
+    from .comparison import compare as _compare
 
     return _compare(*sources, preset=preset, methods=methods, out_dir=out_dir, **options)

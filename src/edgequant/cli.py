@@ -350,8 +350,8 @@ def compare_cmd(
 ) -> None:
     """Quantize by every method of a preset, measure every result the same way, store it in
     DIR/results.db (resuming finished cells) and write DIR/report.md and report.html."""
-    from .compare import compare as run_compare
-    from .compare.progress import RichHooks
+    from .comparison import compare as run_compare
+    from .comparison.progress import RichHooks
 
     hooks = None if quiet or as_json else RichHooks(console)
     res = _run(lambda: run_compare(*(sources or ()), preset=preset, methods=methods,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.compare.runner import run
+from edgequant.comparison.runner import run
 from tests.compare import fakes
 
 

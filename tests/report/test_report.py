@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.compare.store import ResultRow, Store, StoreError
+from edgequant.comparison.store import ResultRow, Store, StoreError
 from edgequant.report import render_report
 from edgequant.report.render import caveats
 from edgequant.report.tables import COLUMNS, fmt, parse_markdown_table, parse_number
@@ -105,8 +105,8 @@ def test_report_of_a_missing_db_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_only_cells_measured_alike_are_compared(tmp_path: Path) -> None:
-    from edgequant.compare.matrix import Settings
-    from edgequant.compare.runner import run
+    from edgequant.comparison.matrix import Settings
+    from edgequant.comparison.runner import run
     from tests.compare import fakes
     from tests.report.conftest import make_db
 
@@ -127,7 +127,7 @@ def _row(model: str, kind: str = "native") -> ResultRow:
 
 
 def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
-    from edgequant.compare.matrix import Settings
+    from edgequant.comparison.matrix import Settings
 
     rows = [_row("smollm2-135m"), _row("smollm2-135m-asis"),
             ResultRow(2, "cd" * 32, 1, "smollm2-135m", "gguf", "gguf", "Q4_K_M", "edgequant",
@@ -144,7 +144,7 @@ def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
 
 
 def test_a_busy_machine_is_a_caveat() -> None:
-    from edgequant.compare.matrix import Settings
+    from edgequant.comparison.matrix import Settings
 
     busy = caveats([_row("m")], Settings(), {"loadavg": [9.5, 9, 9], "cpus": 2})
     idle = caveats([_row("m")], Settings(), {"loadavg": [0.5, 1, 1], "cpus": 2})

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compare.matrix import Settings, eval_hash
-from ..compare.store import ErrorRow, ResultRow, Store, StoreError
+from ..comparison.matrix import Settings, eval_hash
+from ..comparison.store import ErrorRow, ResultRow, Store, StoreError
 from ..io_utils import atomic_file
 from . import plots
 from .recommend import Pairing, Pick, default_budgets, equal_memory, recommendations
@@ -146,7 +146,7 @@ def _figures(store: Store, rows: list[ResultRow], out: Path) -> list[Figure]:
 
 
 def _slug(s: str) -> str:
-    from ..compare.runner import slug
+    from ..comparison.runner import slug
 
     return slug(s)
 

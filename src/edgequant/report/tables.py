@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..compare.store import ResultRow
+from ..comparison.store import ResultRow
 
 MISSING = "–"
 

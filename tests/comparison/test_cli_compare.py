@@ -28,8 +28,8 @@ def test_eq_compare_stays_callable_after_the_package_is_imported() -> None:
     import pytest
 
     import edgequant as eq
-    import edgequant.compare.runner  # noqa: F401  (rebinds eq.compare to the package)
-    from edgequant.compare import MatrixError
+    import edgequant.comparison.runner  # noqa: F401  (rebinds eq.compare to the package)
+    from edgequant.comparison import MatrixError
 
     for _ in range(2):
         with pytest.raises(MatrixError, match="unknown --methods item"):

@@ -9,9 +9,9 @@ import math
 import time
 from pathlib import Path
 
-from edgequant.compare import matrix
-from edgequant.compare.matrix import Cell, Settings
-from edgequant.compare.runner import CellContext, Evaluation, Made, result_metrics
+from edgequant.comparison import matrix
+from edgequant.comparison.matrix import Cell, Settings
+from edgequant.comparison.runner import CellContext, Evaluation, Made, result_metrics
 
 MODEL = "fake-model"
 SETTINGS = Settings(corpus="wiki", max_tokens=1024, ctx=256, generate_prompts=2)

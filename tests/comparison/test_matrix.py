@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgequant.compare import plan
-from edgequant.compare.matrix import (
+from edgequant.comparison import plan
+from edgequant.comparison.matrix import (
     Cell,
     MatrixError,
     Settings,

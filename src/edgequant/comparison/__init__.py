@@ -1,4 +1,4 @@
-"""Compare: the experiment matrix, the SQLite results store, and a resuming runner.
+"""Comparison (``eq.compare``): the experiment matrix, the results store, a resuming runner.
 
     import edgequant as eq
     res = eq.compare("smollm2-135m", preset="quick", out_dir="out/compare")
@@ -11,8 +11,6 @@ See :mod:`.matrix` (cells, presets, settings), :mod:`.store` (``results.db``) an
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +76,7 @@ def compare(*sources: str, preset: str = "quick", methods: str | Sequence[str] |
         methods: instead of the preset's items: ``"gptq:w4g128,gguf:Q4_K_M,bnb-nf4"``.
         force: redo finished cells.
         report: write ``report.md``/``report.html`` and plots after the run.
-        hooks: progress callbacks (``compare.progress.RichHooks`` for a terminal).
+        hooks: progress callbacks (``comparison.progress.RichHooks`` for a terminal).
         settings: :class:`Settings` fields, e.g. ``max_tokens=8192``, ``tasks="arc_easy"``,
             ``limit=100``.
     """
@@ -90,16 +88,3 @@ def compare(*sources: str, preset: str = "quick", methods: str | Sequence[str] |
 
         path = render_report(out_dir)
     return CompareResult(summary, Path(out_dir), path)
-
-
-class _CallableModule(types.ModuleType):
-    """``edgequant.compare`` is both this package and the API function ``eq.compare``.
-    Importing the package rebinds the attribute ``edgequant.compare`` to the package (Python
-    sets a parent's attribute to each imported submodule), so the package itself must be
-    callable for ``eq.compare(...)`` to keep working: calling it calls :func:`compare`."""
-
-    def __call__(self, *sources: str, **options: Any) -> CompareResult:
-        return compare(*sources, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgequant.compare import matrix
-from edgequant.compare.layer_error import fit_scales, layer_key, relative_error
-from edgequant.compare.matrix import Settings
-from edgequant.compare.runner import run
-from edgequant.compare.store import Store
+from edgequant.comparison import matrix
+from edgequant.comparison.layer_error import fit_scales, layer_key, relative_error
+from edgequant.comparison.matrix import Settings
+from edgequant.comparison.runner import run
+from edgequant.comparison.store import Store
 from tests.gguf.tiny import TEXT, tiny
 
 
@@ -52,7 +52,7 @@ def test_layer_key_and_errors() -> None:
 
 
 def test_gguf_errors_read_back_from_the_file(tmp_path: Path) -> None:
-    from edgequant.compare.layer_error import gguf_errors
+    from edgequant.comparison.layer_error import gguf_errors
     from edgequant.exporters.gguf import export
 
     model = tiny("llama", hidden=256, n_layer=2)

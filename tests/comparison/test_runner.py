@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.compare.matrix import Settings, cell_hash
-from edgequant.compare.runner import CompareBusyError, dir_lock, run, source_fingerprint
-from edgequant.compare.store import Store
+from edgequant.comparison.matrix import Settings, cell_hash
+from edgequant.comparison.runner import CompareBusyError, dir_lock, run, source_fingerprint
+from edgequant.comparison.store import Store
 
 from . import fakes
 
@@ -79,7 +79,7 @@ _CHILD = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from edgequant.compare.runner import run
+from edgequant.comparison.runner import run
 from tests.compare import fakes
 log = fakes.Log(Path({log!r}))
 run(fakes.cells(), {out!r}, fakes.SETTINGS, makers=fakes.makers(log),

@@ -15,7 +15,7 @@ def test_compare_cli_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from edgequant.cli import app
-    from edgequant.compare.store import Store
+    from edgequant.comparison.store import Store
     from edgequant.report.tables import parse_markdown_table
 
     out = tmp_path / "cmp"
