@@ -166,6 +166,32 @@ def info(
         _print_info(summary)
 
 
+@app.command("methods")
+def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Quantizers and transforms a recipe can name, with their options and defaults."""
+    import dataclasses
+
+    from .methods.registry import get_step, list_methods
+
+    rows = []
+    for name in list_methods():
+        step = get_step(name)
+        options = {f.name: f.default for f in dataclasses.fields(step.config_cls)}
+        rows.append({"name": name, "kind": step.kind, "aliases": list(step.aliases),
+                     "needs": sorted(getattr(step, "needs", ())), "options": options,
+                     "description": step.description})
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    table = Table(title="recipe steps: transforms first, then one quantizer (awq+gptq)")
+    for col in ("name", "kind", "options (defaults)", "description"):
+        table.add_column(col)
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        table.add_row(r["name"], r["kind"], opts, r["description"])
+    out.print(table)
+
+
 @zoo_app.command("list")
 def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The models the zoo knows, and whether they are cached."""

@@ -112,6 +112,9 @@ def test_zoo_list_shows_every_model() -> None:
     (["--method", "foo"], "'foo'", "rtn"),
     (["--scheme", "w4x"], "'w4x'", "w4g128"),
     (["--method", "gptq", "--set", "no_such_option=1"], "no_such_option", "gptq"),
+    (["--recipe", "gptq+awq"], "'gptq+awq'", "transforms first"),
+    (["--recipe", "awq+gptq", "--set", "n_grid=many"], "'many'", "n_grid"),
+    (["--recipe", "rtn", "--scheme", "Q4_K"], "Q4_K", "export"),
 ])
 def test_bad_quantize_arguments_fail_before_the_model_loads(
         artifact: Path, tmp_path: Path, args: list[str], named: str, listed: str) -> None:
@@ -133,3 +136,14 @@ def test_quantize_prints_only_our_own_lines(artifact: Path, tmp_path: Path) -> N
     assert json.loads(res.stdout)["bits_per_weight"] > 8
     assert_quiet(res.stderr)
     assert [line.split()[0] for line in res.stderr.splitlines()] == ["loading"]
+
+
+def test_methods_lists_every_step_with_its_options() -> None:
+    from edgequant.methods import list_methods
+
+    res = edgequant("methods", "--json")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == set(list_methods())
+    assert rows["awq"]["kind"] == "transform" and rows["gptq"]["kind"] == "quantizer"
+    assert rows["gptq"]["options"]["act_order"] is False and rows["gptq"]["needs"] == ["hessian"]
