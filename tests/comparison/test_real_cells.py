@@ -17,7 +17,7 @@ from edgequant.comparison.layer_error import fit_scales, layer_key, relative_err
 from edgequant.comparison.matrix import Settings
 from edgequant.comparison.runner import run
 from edgequant.comparison.store import Store
-from tests.gguf.tiny import TEXT, tiny
+from tests.exporters.tiny import TEXT, tiny
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from edgequant.comparison.runner import run
-from tests.compare import fakes
+from tests.comparison import fakes
 log = fakes.Log(Path({log!r}))
 run(fakes.cells(), {out!r}, fakes.SETTINGS, makers=fakes.makers(log),
     evaluator=fakes.evaluator(log, sleep=1.5))

@@ -107,7 +107,7 @@ def test_report_of_a_missing_db_is_a_clear_error(tmp_path: Path) -> None:
 def test_only_cells_measured_alike_are_compared(tmp_path: Path) -> None:
     from edgequant.comparison.matrix import Settings
     from edgequant.comparison.runner import run
-    from tests.compare import fakes
+    from tests.comparison import fakes
     from tests.report.conftest import make_db
 
     out = make_db(tmp_path / "cmp", models=(fakes.MODEL,))
