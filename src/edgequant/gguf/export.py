@@ -37,7 +37,6 @@ from ..errors import GGUFError
 from ..io_utils import atomic_file, check_output
 from . import quants
 from .convert import Conversion, convert
-from .gptq import gptq_encode
 from .imatrix import ImportanceMatrix, collect, llama_cpp_imatrix
 from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types
 from .reader import inspect_gguf
@@ -95,6 +94,8 @@ class ExportPlan:
         hessians = self.imatrix.hessians if self.imatrix is not None else None
         try:
             if self.gptq and hessians is not None and t.name in hessians:
+                from ..methods.gptq_ggml import gptq_encode  # the one (torch) GPTQ solver
+
                 return gptq_encode(data, self.types[t.name], hessians[t.name], weights)
             return quants.quantize(data, self.types[t.name], imatrix=weights)
         except GGUFError as e:
@@ -146,7 +147,7 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str = "Q4_
         tokenizer_pre: llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer that
             :data:`~edgequant.gguf.tokenizer.KNOWN_PRE` does not recognise (e.g. ``gpt-2``).
         gptq: encode the block linears with GPTQ error feedback (needs ``calib``; see
-            :mod:`edgequant.gguf.gptq`). Same types and file layout, different codes.
+            :mod:`edgequant.methods.gptq_ggml`). Same types and file layout, different codes.
 
     Returns:
         ``path``.

@@ -230,7 +230,7 @@ def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
         progress: ``progress(items, total, what)`` wrapper for a progress bar.
         batch_size: windows per forward pass.
         hessians: also accumulate ``Σ x xᵀ`` per distinct linear input (for
-            :func:`~edgequant.gguf.gptq.gptq_encode`).
+            :func:`~edgequant.methods.gptq_ggml.gptq_encode`).
 
     Returns:
         An :class:`ImportanceMatrix` keyed by GGUF tensor names (``blk.N.attn_q.weight``).
