@@ -41,7 +41,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWrit
 
 from ..errors import GGUFError
 from ..gguf import quants
-from ..gguf.gptq import gptq_encode  # TODO(merge): the one solver in methods.gptq
 from ..gguf.imatrix import ImportanceMatrix, llama_cpp_imatrix
 from ..gguf.mixtures import (
     FILE_TYPES,
@@ -55,6 +54,7 @@ from ..gguf.mixtures import (
 from ..gguf.reader import inspect_gguf
 from ..io_utils import atomic_file, check_output
 from ..methods.gptq import GPTQConfig
+from ..methods.gptq_ggml import gptq_encode
 from ..methods.rtn import RTNConfig
 from ..progress import Progress, no_progress
 from ..recipe import Recipe
@@ -160,7 +160,7 @@ class ExportPlan:
         try:
             if self.gptq and hessians is not None and t.name in hessians:
                 return gptq_encode(data, self.types[t.name], hessians[t.name], weights,
-                                   self.recipe.quantizer.damp)
+                                   self.recipe.quantizer)
             return quants.quantize(data, self.types[t.name], imatrix=weights)
         except GGUFError as e:
             raise GGUFError(f"{t.name} ({t.source}): {e}") from None
