@@ -34,7 +34,7 @@ def tokens(llama) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def imatrix(llama, tokens) -> ImportanceMatrix:
-    return collect(llama, Calibration(tokens), batch_size=4)
+    return collect(llama, Calibration(tokens, compute_dtype="float32"))
 
 
 def test_sums_are_column_energy_of_each_linears_input(llama, tokens, imatrix) -> None:
@@ -124,7 +124,7 @@ def test_imatrix_changes_k_quant_codes_and_is_recorded(llama, imatrix, tmp_path)
 
 
 def test_export_with_calibration_data(llama, tokens, tmp_path) -> None:
-    a = _export(llama, tmp_path / "a.gguf", "Q4_K_S", calib=Calibration(tokens))
+    a = _export(llama, tmp_path / "a.gguf", "Q4_K_S", calib=Calibration(tokens, compute_dtype="float32"))
     b = _export(llama, tmp_path / "b.gguf", "Q4_K_S", imatrix=collect(llama, tokens))
     assert _tensor_bytes(a) == _tensor_bytes(b)
     with pytest.raises(GGUFError, match="not both"):
@@ -174,7 +174,7 @@ def test_gptq_lowers_the_output_error_of_32_blocks(llama, tokens) -> None:
     """tr(E H Eᵀ), the change of the layer outputs on the calibration inputs, for Q4_0."""
     from edgequant.gguf import quants
 
-    calib = Calibration(tokens)
+    calib = Calibration(tokens, compute_dtype="float32")
     plain = plan_export(llama, "Q4_0", calib=calib, tokenizer_pre="gpt-2")
     gptq = plan_export(llama, "Q4_0", calib=calib, tokenizer_pre="gpt-2", gptq=True)
     H = gptq.imatrix.hessians
@@ -194,7 +194,7 @@ def test_gptq_lowers_the_output_error_of_32_blocks(llama, tokens) -> None:
 def test_gptq_export_runs_in_llama_cpp(llama, tokens, tmp_path) -> None:
     import edgequant as eq
 
-    path = _export(llama, tmp_path / "g.gguf", "Q4_0", calib=Calibration(tokens), gptq=True)
+    path = _export(llama, tmp_path / "g.gguf", "Q4_0", calib=Calibration(tokens, compute_dtype="float32"), gptq=True)
     ids = tokens[0].tolist()
     with torch.no_grad():
         ref = llama.module(torch.tensor([ids])).logits[0]

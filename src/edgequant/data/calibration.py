@@ -114,4 +114,4 @@ def resolve(calib: Any, tokenizer: Any = None, default: CalibrationSpec | None =
     if tokens.dim() != 2:
         raise DataError(f"calibration tokens must be (windows, tokens), got "
                         f"{tuple(tokens.shape)}")
-    return Calibration(tokens.long())
+    return Calibration(tokens.long(), compute_dtype=(default or CalibrationSpec()).compute_dtype)
