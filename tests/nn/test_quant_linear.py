@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from edgequant.errors import SchemeError
-from edgequant.formats import QuantScheme, quantize_tensor
+from edgequant.formats import QuantizedTensor, QuantScheme, quantize_tensor
 from edgequant.nn.quant_linear import QuantLinear
 from edgequant.nn.recipe import Recipe
 
@@ -52,8 +52,8 @@ def test_cached_weights_give_identical_outputs_and_are_dropped_on_exit(monkeypat
     x = torch.randn(5, 64)
     want = model(x)
     calls = []
-    original = QuantLinear.dequantized_weight
-    monkeypatch.setattr(QuantLinear, "dequantized_weight",
+    original = QuantizedTensor.dequantize
+    monkeypatch.setattr(QuantizedTensor, "dequantize",
                         lambda self, dtype=torch.float32: calls.append(dtype) or
                         original(self, dtype))
     with dequantized_weights_cached(model):
