@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgequant.formats import quantize_tensor
-from edgequant.kernels import KernelError, describe, kernel_plan, use_kernels
+from edgequant.kernels import KernelError, describe, get_kernel, kernel_plan, use_kernels
 from edgequant.kernels.int4_cpu import kernel_available
 from edgequant.nn.quant_linear import QuantLinear, dequantized_weights_cached
 from edgequant.nn.w8a8 import W8A8Linear
@@ -45,7 +45,9 @@ def test_auto_plan_counts_kernels_and_records_each_fallback():
     assert plan.counts() == {"int4_cpu": 2, "reference": 2, "w8a8_int_mm": 1}
     assert [e.reason for e in plan.layers] == [None, N_NOT_64, THREE_BIT, None, None]
     assert plan.fallbacks() == {N_NOT_64: 1, THREE_BIT: 1}
-    assert plan.summary() == {"kernels": plan.counts(), "kernel_fallbacks": plan.fallbacks()}
+    assert plan.summary() == {"kernels": plan.counts(), "kernel_fallbacks": plan.fallbacks(),
+                              "kernel_summaries": {k: get_kernel(k).summary
+                                                   for k in plan.counts()}}
     assert kernel_plan(model).layers == plan.layers  # read back off the layers
     assert "int4_cpu ×2" in str(plan) and N_NOT_64 in str(plan)
     assert plan.layers[1].to_dict() == {"layer": "1", "scheme": "w4g64-asym",

@@ -62,7 +62,7 @@ def unpack_kernel_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 class Int4CpuKernel(Kernel):
     name = "int4_cpu"
     priority = 20
-    summary = (f"torch's fused _weight_int4pack_mm_for_cpu (bf16 activations × packed int4, "
+    summary = (f"torch's fused `_weight_int4pack_mm_for_cpu` (bf16 activations × packed int4, "
                f"bf16 scale/zero per group) for ≤{FUSED_MAX_ROWS} rows; longer inputs "
                f"(prompts) dequantize its layout and run a dense bf16 matmul")
 

@@ -20,8 +20,11 @@ import torch
 from torch import nn
 
 from .registry import (
+    KernelError,
     LayerSpec,
     check_policy,
+    get_kernel,
+    registered_kernels,
     select_kernel,
 )
 
@@ -59,8 +62,11 @@ class KernelPlan:
         return dict(Counter(e.reason for e in self.layers if e.reason).most_common())
 
     def summary(self) -> dict[str, Any]:
-        """What a runtime records: ``kernels`` (counts) and ``kernel_fallbacks`` (reasons)."""
-        return {"kernels": self.counts(), "kernel_fallbacks": self.fallbacks()}
+        """What a runtime records: ``kernels`` (layers per kernel), ``kernel_fallbacks``
+        (layers per reason) and ``kernel_summaries`` (what each kernel used computes, so a
+        report made from the records alone can say it)."""
+        return {"kernels": self.counts(), "kernel_fallbacks": self.fallbacks(),
+                "kernel_summaries": {k: get_kernel(k).summary for k in self.counts()}}
 
     def __str__(self) -> str:
         head = ", ".join(f"{k} ×{n}" for k, n in self.counts().items()) or "no quantized layers"
@@ -89,8 +95,6 @@ def _dtype(act_dtype: torch.dtype | str) -> torch.dtype:
         return act_dtype
     dt = getattr(torch, str(act_dtype), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        from .registry import KernelError
-
         raise KernelError(f"activation dtype {act_dtype!r} is not a torch floating dtype "
                           f"(e.g. float32, bfloat16)")
     return dt
@@ -144,6 +148,4 @@ def describe(module: Any, act_dtype: torch.dtype | str, device: str | torch.devi
 
 def kernel_summaries() -> dict[str, str]:
     """One line per registered kernel: what it computes (for ``info`` and reports)."""
-    from .registry import registered_kernels
-
     return {k.name: k.summary for k in registered_kernels()}

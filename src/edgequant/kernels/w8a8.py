@@ -131,7 +131,7 @@ class Int8MatmulKernel(Kernel):
 
     name = "w8a8_int_mm"
     priority = 10
-    summary = ("torch._int_mm: int8 activations × prepacked int8 weights, int32 accumulate "
+    summary = ("`torch._int_mm`: int8 activations × prepacked int8 weights, int32 accumulate "
                "(bit-exact with the reference)")
     exact = True
 
