@@ -57,6 +57,7 @@ class QuantLinear(nn.Module):
         self._layout: tuple[str, ...] = ()   # names of a kernel layout's tensors; () = artifact's
         self._meta: dict[str, Any] = {}
         self._cache: dict[torch.dtype, torch.Tensor] | None = None
+        self._view: Packed | None = None  # see _packed
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -139,7 +140,8 @@ class QuantLinear(nn.Module):
                               f"{spec.key} {spec.shape[0]}×{spec.shape[1]}: {why}")
         packed = kernel.prepack(qt, spec)
         for name in (*self._names, *(LAYOUT_PREFIX + n for n in self._layout)):
-            self._buffers.pop(name, None)
+            if name in self._buffers:
+                delattr(self, name)
         keep = kernel.name == REFERENCE
         for name, t in packed.tensors.items():
             self.register_buffer(name if keep else LAYOUT_PREFIX + name, t, persistent=keep)
@@ -148,13 +150,40 @@ class QuantLinear(nn.Module):
         self.kernel, self.kernel_spec, self.kernel_reason = kernel, spec, reason
 
     def _packed(self) -> Packed:
-        """The kernel's view of the layer's current buffers (so ``.to()`` moves it)."""
-        if self._layout:
-            tensors = {n: getattr(self, LAYOUT_PREFIX + n) for n in self._layout}
-        else:
-            tensors = {n: getattr(self, n) for n in self._names}
-        return Packed(self.scheme, (self.out_features, self.in_features), tensors, self._meta,
-                      self._cache, getattr(self, "act_scale", None))
+        """The kernel's view of the layer's current tensors. Built once and kept (a decode
+        step calls every layer, where microseconds count); anything that can replace a
+        tensor or a setting of the layer — attribute writes, ``register_buffer``, ``.to()``
+        and the like (``_apply``) — drops it."""
+        view = self._view
+        if view is None:
+            b = self._buffers
+            if self._layout:
+                tensors = {n: b[LAYOUT_PREFIX + n] for n in self._layout}
+            else:
+                tensors = {n: b[n] for n in self._names}
+            view = Packed(self.scheme, (self.out_features, self.in_features),
+                          tensors, self._meta, self._cache,  # type: ignore[arg-type]
+                          self._parameters.get("act_scale"))
+            self.__dict__["_view"] = view
+        return view
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_view"] = None
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self.__dict__["_view"] = None
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None,
+                        persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self.__dict__["_view"] = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        out = super()._apply(fn, recurse)
+        self.__dict__["_view"] = None
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.matmul(x, self._packed(), self.bias)
