@@ -151,3 +151,22 @@ def test_open_torch_applies_the_kernels_option_and_records_it(tmp_path):
         assert set(r.runtime["kernel_fallbacks"]) == {
             "w8a8_int_mm: scheme w4g32 quantizes no activations; W8A8 layers need an "
             "activation scheme such as w8a8 or w8a8-static"}
+
+
+def test_a_prepacked_w8a8_model_measures_and_saves_as_before(tmp_path):
+    """Size accounting and the saved artifact read the artifact's tensors, which the
+    ``w8a8_int_mm`` layout gives back exactly."""
+    import edgequant as eq
+    from tests.eval._tiny import tiny_model
+
+    q = eq.quantize(tiny_model(), "dynamic", scheme="w8a8")
+    before = q.summary()
+    ids = torch.randint(0, 200, (1, 9))
+    want = q.module(input_ids=ids).logits
+    plan = use_kernels(q, torch.float32, "cpu")
+    assert plan.counts() == {"w8a8_int_mm": 14}
+    assert q.summary() == before
+    assert torch.equal(q.module(input_ids=ids).logits, want)
+    back = eq.load(str(q.save(tmp_path / "art")))
+    assert kernel_plan(back).counts() == {"reference": 14}
+    assert torch.equal(back.module(input_ids=ids).logits, want)
