@@ -178,7 +178,7 @@ def register_kernel(cls: type[Kernel], replace: bool = False) -> type[Kernel]:
     if missing:
         raise KernelError(f"kernel {getattr(cls, 'name', cls.__name__)!r} is incomplete: it "
                           f"lacks {', '.join(missing)}")
-    if not isinstance(cls.name, str) or not cls.name.isidentifier() or cls.name in POLICIES[:1]:
+    if not isinstance(cls.name, str) or not cls.name.isidentifier() or cls.name == "auto":
         raise KernelError(f"kernel name {cls.name!r} must be an identifier other than 'auto'")
     if not isinstance(cls.priority, int) or isinstance(cls.priority, bool):
         raise KernelError(f"kernel {cls.name}: priority must be an int, not {cls.priority!r}")
