@@ -95,8 +95,8 @@ def main() -> None:
 
     import edgequant as eq
     from edgequant.data.calibration import calibration
-    from edgequant.gguf.export import llama_cpp_quantize
-    from edgequant.gguf.imatrix import collect
+    from edgequant.exporters.gguf import llama_cpp_quantize
+    from edgequant.exporters.imatrix import collect
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def main() -> None:
     imatrix = None
     if not args.no_imatrix:
         t = time.perf_counter()
-        spec = calibration(args.corpus, args.calib_samples, args.calib_len)
+        spec = calibration(args.corpus, args.calib_samples, args.calib_len, compute_dtype="float32")
         imatrix = collect(model, spec, hessians=args.gptq)
         out["timings"]["imatrix_s"] = time.perf_counter() - t
         out["imatrix"] = {"windows": args.calib_samples, "tokens_per_window": args.calib_len,

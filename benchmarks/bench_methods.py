@@ -48,7 +48,6 @@ t0 = time.perf_counter()
 import edgequant as eq
 from edgequant.data.calibration import CalibrationSpec
 from edgequant.eval.memory import _peak_rss_mb
-from edgequant.methods import get_method
 req = json.loads(sys.argv[1])
 t1 = time.perf_counter()
 model = eq.load(req["model"])
@@ -57,7 +56,7 @@ calib = None
 if req["method"] == "baseline":
     q, t3 = model, time.perf_counter()
 else:
-    if get_method(req["method"]).needs_calibration:
+    if eq.Recipe.parse(req["method"], req["scheme"], req["options"]).needs_calibration:
         calib = CalibrationSpec(n=req["calib_samples"], seq_len=req["calib_len"]).build(
             model.tokenizer)
     t3 = time.perf_counter()

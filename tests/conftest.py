@@ -45,7 +45,7 @@ def smollm2_dir() -> Path:
 # Tests that take minutes each on 2 cores (Gemma 3's 1 GB checkpoint, a whole compare run,
 # every peer tool on the real model): `make test-all` runs them, `make test` (CI) does not.
 HEAVY = (
-    "tests/compare/test_e2e_real.py",
+    "tests/comparison/test_e2e_real.py",
     "tests/backends/peers/test_peers_real.py",
     "test_gemma3_270m_matches_llama_cpps_converter",
     "test_gemma3_permuted_is_the_same_function",

@@ -66,7 +66,7 @@ def test_all_zero_layer_gives_exact_zeros(tiny_llama):
 
 
 def test_unknown_method_lists_methods(tiny_llama):
-    with pytest.raises(eq.EdgequantError, match="available: .*rtn"):
+    with pytest.raises(eq.EdgequantError, match="quantizers: .*rtn"):
         eq.quantize(wrap(tiny_llama), "nonsense", scheme="w4g32")
 
 

@@ -1,5 +1,7 @@
 """The calibrated, block-by-block path of the pipeline, checked with a probe method."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -7,8 +9,8 @@ import edgequant as eq
 from edgequant.data.calibration import Calibration
 from edgequant.errors import DataError
 from edgequant.formats import quantize_tensor
-from edgequant.methods import Method, register_method
-from edgequant.methods.registry import _METHODS
+from edgequant.methods import Quantizer, register
+from edgequant.methods.registry import is_step_name
 from edgequant.models.model import Model
 
 from .helpers import tiny_tokenizer
@@ -21,8 +23,14 @@ def _probe(w, scheme, stats, config):
     return quantize_tensor(w, scheme)
 
 
-if "test_probe" not in _METHODS:
-    register_method(Method("test_probe", _probe, needs=frozenset({"hessian", "act_absmean"})))
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The probe takes no options."""
+
+
+if not is_step_name("test_probe"):
+    register(Quantizer("test_probe", _probe, ProbeConfig,
+                       needs=frozenset({"hessian", "act_absmean"})))
 
 
 def wrap(module):
@@ -91,7 +99,7 @@ def test_captured_inputs_and_kwargs_replay_the_model(fixture, request):
     arguments (rotary tables, causal and sliding-window masks) give the model's own hidden
     states — windows of 40 tokens exceed the tiny Gemma 3's sliding window of 16."""
     from edgequant.models.architectures import block_list
-    from edgequant.pipeline import _block_out, capture_block_inputs
+    from edgequant.statistics import block_output, capture_block_inputs
 
     module = request.getfixturevalue(fixture)
     blocks = block_list(module)
@@ -104,7 +112,7 @@ def test_captured_inputs_and_kwargs_replay_the_model(fixture, request):
             want = module(input_ids=batch, output_hidden_states=True).hidden_states
             for i, block in enumerate(blocks):
                 torch.testing.assert_close(x, want[i])
-                x = _block_out(block(x, **kwargs[i]))
+                x = block_output(block(x, **kwargs[i]))
         assert x.shape == want[-1].shape
 
 

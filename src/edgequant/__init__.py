@@ -12,16 +12,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EdgequantError
-from .formats import QuantizedTensor, QuantScheme
-from .models.model import Model
-from .nn.recipe import Recipe
+from .lazy import lazy_attributes
 
 if TYPE_CHECKING:
     import torch
 
+    from .formats import QuantizedTensor, QuantScheme
+    from .models.model import Model
+    from .recipe import Recipe
+
 __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
            "evaluate", "export", "load", "open", "quantize", "__version__"]
+
+# imported on first use: ``import edgequant`` (and every command's start) costs no torch
+__getattr__ = lazy_attributes(__name__, {
+    "QuantScheme": ".formats", "QuantizedTensor": ".formats", "Model": ".models.model",
+    "Recipe": ".recipe"})
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
@@ -33,6 +40,7 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
     import torch
 
     from .models.artifact import is_artifact, load_artifact
+    from .models.model import Model
     from .models.sources import load_source
 
     dtype = dtype or torch.float32
@@ -44,32 +52,63 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
                   "kind": src.kind})
 
 
-def quantize(model: Model | str | Path, method: str = "rtn", scheme: str | QuantScheme = "w4g128",
-             *, overrides: tuple[tuple[str, str], ...] = (), keep_dtype: str = "float16",
-             calib: Any = None, inplace: bool = False, **method_options: Any) -> Model:
-    """Quantize ``model`` with ``method`` under ``scheme`` (see ``QuantScheme`` short names)."""
-    from .pipeline import quantize_model
+def quantize(model: Model | str | Path, recipe: Recipe | str = "rtn",
+             scheme: str | QuantScheme = "w4g128", *, overrides: Any = (),
+             keep_dtype: str = "float16", calib: Any = None, inplace: bool = False,
+             progress: Any = None, **options: Any) -> Model:
+    """Quantize ``model`` by ``recipe`` — the one entry point the CLI, ``compare`` and the
+    benchmarks use.
 
+    Args:
+        model: a ``Model`` or anything :func:`load` takes (loaded here, then quantized in place).
+        recipe: a :class:`Recipe`, or its text form: ``"gptq"``, ``"awq"``, ``"awq+gptq"``
+            (transforms, then one quantizer), with ``scheme``, ``overrides`` (``(pattern,
+            format)`` pairs) and step ``options`` (``act_order=True``, ``gptq.damp=0.02``).
+        calib: calibration data for recipes that need it (``eq.data.calibration(...)``,
+            token windows, or a ``Calibration``); default ``wiki``, 128 × 512 tokens.
+        inplace: quantize ``model`` itself (saves a copy of the weights).
+        progress: ``progress(items, total, what)`` wrapper, e.g. for a progress bar.
+
+    Example:
+        >>> q = eq.quantize("smollm2-135m", "awq+gptq", "w4g64-asym", act_order=True)
+    """
+    from .models.model import Model
+    from .pipeline import quantize_model
+    from .progress import no_progress
+    from .recipe import Recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.parse(recipe, scheme, options, formats=tuple(overrides),
+                              keep_dtype=keep_dtype)
+    elif options or overrides:
+        raise EdgequantError("options and overrides belong in the Recipe when one is given")
     if not isinstance(model, Model):
         model, inplace = load(model), True
-    recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
-                    overrides=tuple(overrides), keep_dtype=keep_dtype,
-                    method_options=method_options)
-    return quantize_model(model, recipe, calib=calib, inplace=inplace)
+    return quantize_model(model, recipe, calib=calib, inplace=inplace,
+                          progress=progress or no_progress)
 
 
-def export(model: Model | str | Path, path: str | Path, ftype: str = "Q4_K_M", **options: Any
-           ) -> Path:
-    """Write ``model`` as a GGUF file for llama.cpp (``imatrix=``, ``calib=``, ``force=``).
-    See :func:`edgequant.gguf.export.export`."""
-    from .gguf.export import export as _export
+def export(model: Model | str | Path, path: str | Path, ftype: str | Recipe = "Q4_K_M",
+           **options: Any) -> Path:
+    """Write ``model`` as a GGUF file for llama.cpp: a llama.cpp file type or a ``Recipe`` of
+    GGML types per layer (``imatrix=``, ``calib=``, ``gptq=``, ``overrides=``, ``force=``).
+    See :func:`edgequant.exporters.gguf.export`."""
+    from .exporters.gguf import export as _export
 
     return _export(model, path, ftype, **options)
 
 
 def open(source: Any, backend: str | None = None, **options: Any) -> Any:  # noqa: A001
-    """A ``Runnable`` of ``source``: a ``.gguf`` file (llama.cpp), a ``Model``, or anything
-    ``load`` takes (torch). See :func:`edgequant.backends.base.open_runnable`."""
+    """The model ``source`` opened to run: a ``.gguf`` file (llama.cpp), a ``Model``, or
+    anything ``load`` takes (torch). What it returns is an inference
+    :class:`~edgequant.engine.Engine` (``generate``, ``chat``, states with ``prefill``/
+    ``decode``) and the ``Runnable`` that ``evaluate`` scores. See
+    :func:`edgequant.backends.base.open_runnable`.
+
+    Example:
+        >>> with eq.open("out/smollm2.gguf") as engine:
+        ...     print(engine.generate("The capital of France is", max_tokens=16).text)
+    """
     from .backends.base import open_runnable
 
     return open_runnable(source, backend=backend, **options)
@@ -89,7 +128,7 @@ def compare(*sources: str, preset: str = "quick", methods: Any = None,
     ``paper``, ``full``) or ``methods``, measure each result the same way, store everything in
     ``out_dir/results.db`` (finished cells are skipped: a stopped run resumes) and write
     ``report.md``/``report.html``. Returns a ``CompareResult``.
-    See :func:`edgequant.compare.compare`."""
-    from .compare import compare as _compare
+    See :func:`edgequant.comparison.compare`."""
+    from .comparison import compare as _compare
 
     return _compare(*sources, preset=preset, methods=methods, out_dir=out_dir, **options)

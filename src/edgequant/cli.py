@@ -6,8 +6,12 @@ User errors (``EdgequantError``) print in one or two lines, no traceback, exit s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,11 @@ def _fail(e: EdgequantError) -> None:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command's work: what a library prints goes to stderr (stdout holds our results
+    alone, so ``--json`` output parses); user errors print in one line, exit status 2."""
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
     except EdgequantError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -45,7 +52,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 def _progress_fn(quiet: bool) -> Callable[[Iterable[Any], int, str], Iterable[Any]]:
     def track(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-        if quiet or not sys.stderr.isatty() and total < 1:
+        if quiet or not console.is_terminal:  # a bar in a log file is only blank lines
             yield from items
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -62,16 +69,19 @@ def _progress_fn(quiet: bool) -> Callable[[Iterable[Any], int, str], Iterable[An
 def quantize(
     source: str = typer.Argument(..., help="Zoo name, HF folder, hub id or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
+    recipe: str = typer.Option("rtn", "--recipe", "--method", "-m", help="Quantizer, or "
+                               "transforms then a quantizer joined by '+': rtn, gptq, hqq, awq, "
+                               "smoothquant, awq+gptq, … (see `edgequant methods`)."),
     scheme: str = typer.Option("w4g128", "--scheme", "-s", help="Scheme short name, e.g. "
                                "w4g128, w3g128-asym, w8, nf4, fp8."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=SCHEME (or "
                                        "PATTERN=keep), e.g. 'lm_head=w8' or '*.down_proj=w8'."),
     keep_dtype: str = typer.Option("float16", help="dtype for unquantized tensors."),
-    option: list[str] = typer.Option([], "--set", help="Method option KEY=VALUE, e.g. "
-                                     "'act_order=true' or 'damp=0.02' (see the method's config)."),
+    option: list[str] = typer.Option([], "--set", help="Step option KEY=VALUE, e.g. "
+                                     "'act_order=true' or 'gptq.damp=0.02' (STEP.KEY when "
+                                     "several steps have KEY)."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration corpus (wiki, lambada, "
-                              "shakespeare) or a text file; only for methods that need data."),
+                              "shakespeare) or a text file; only for recipes that need data."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
     calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
@@ -82,34 +92,34 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Quantize SOURCE and save a native artifact."""
-    from . import load
-    from .data.calibration import calibration
-    from .io_utils import check_output
-    from .methods.registry import parse_options
-    from .nn.recipe import Recipe
-    from .pipeline import quantize_model
+    """Quantize SOURCE by a recipe and save a native artifact."""
 
     def go() -> dict[str, Any]:
-        from .formats import QuantScheme
+        from . import load
+        from . import quantize as eq_quantize
+        from .data.calibration import calibration
+        from .io_utils import check_output
+        from .methods.registry import parse_options
+        from .models.manifest import artifact_info
+        from .recipe import Recipe
 
+        # everything the user typed is checked before the model is loaded
+        plan = Recipe.parse(recipe, scheme, parse_options(option, "--set"),
+                            formats=_pairs(override, "--override", "PATTERN=SCHEME"),
+                            keep_dtype=keep_dtype)
+        plan.check_native()
+        spec = calibration(calib, calib_samples, calib_len, seed, calib_dtype)
         check_output(output, force)
-        recipe = Recipe(method=method.lower(), scheme=QuantScheme.parse(scheme),
-                        overrides=tuple(_pairs(override, "--override", "PATTERN=SCHEME")),
-                        keep_dtype=keep_dtype,
-                        method_options=parse_options(option, "--set"))
         if not quiet:
             console.print(f"loading {source} …")
-        model = load(source)
-        q = quantize_model(model, recipe, calib=calibration(calib, calib_samples, calib_len, seed,
-                                                            calib_dtype),
-                           inplace=True, progress=_progress_fn(quiet))
+        q = eq_quantize(load(source), plan, calib=spec, inplace=True,
+                        progress=_progress_fn(quiet))
         q.save(output, force=force)
-        return _info_dict(output)
+        return artifact_info(output)
 
     info = _run(go)
     if as_json:
-        out.print_json(json.dumps(_public(info)))
+        typer.echo(json.dumps(info))
     elif not quiet:
         _print_info(info)
         console.print(f"[green]saved[/] {output}")
@@ -125,25 +135,6 @@ def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
     return out
 
 
-def _info_dict(path: Path) -> dict[str, Any]:
-    from . import load
-    from .models.artifact import WEIGHTS
-
-    model = load(path)
-    summary = model.summary()
-    weights = Path(path) / WEIGHTS
-    summary["size_bytes"] = weights.stat().st_size if weights.exists() else None
-    summary["dir_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) \
-        if Path(path).is_dir() else None
-    summary["source"] = model.source
-    summary["recipe"] = model.recipe.to_dict() if model.recipe else None
-    return summary
-
-
-def _public(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items()}
-
-
 def _print_info(info: dict[str, Any]) -> None:
     table = Table(title="quantized layers", show_lines=False)
     for col in ("layer", "scheme", "shape", "bits/weight", "bytes"):
@@ -155,9 +146,9 @@ def _print_info(info: dict[str, Any]) -> None:
     bpw = info["bits_per_weight"]
     out.print(f"parameters: {info['num_params']:,}   quantized layers: "
               f"{info['quantized_layers']}   bits/weight (quantized layers): "
-              f"{bpw:.4f}" if bpw else "-")
+              + (f"{bpw:.4f}" if bpw else "-"), soft_wrap=True)
     out.print(f"bits/weight (whole model): {info['bits_per_weight_total']:.4f}   "
-              f"weights on disk: {info['size_bytes'] or 0:,} bytes")
+              f"weights on disk: {info['size_bytes'] or 0:,} bytes", soft_wrap=True)
 
 
 @app.command()
@@ -166,11 +157,39 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-layer schemes, bits per weight and sizes of an artifact."""
-    summary = _run(lambda: _info_dict(artifact))
+    from .models.manifest import artifact_info
+
+    summary = _run(lambda: artifact_info(artifact))
     if as_json:
-        out.print_json(json.dumps(_public(summary)))
+        typer.echo(json.dumps(summary))
     else:
         _print_info(summary)
+
+
+@app.command("methods")
+def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Quantizers and transforms a recipe can name, with their options and defaults."""
+    import dataclasses
+
+    from .methods.registry import get_step, list_methods
+
+    rows = []
+    for name in list_methods():
+        step = get_step(name)
+        options = {f.name: f.default for f in dataclasses.fields(step.config_cls)}
+        rows.append({"name": name, "kind": step.kind, "aliases": list(step.aliases),
+                     "needs": sorted(getattr(step, "needs", ())), "options": options,
+                     "description": step.description})
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    table = Table(title="recipe steps: transforms first, then one quantizer (awq+gptq)")
+    for col in ("name", "kind", "options (defaults)", "description"):
+        table.add_column(col)
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        table.add_row(r["name"], r["kind"], opts, r["description"])
+    out.print(table)
 
 
 @zoo_app.command("list")
@@ -178,15 +197,15 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """The models the zoo knows, and whether they are cached."""
     from .models import zoo
 
-    entries = zoo.list_models()
+    entries = zoo.catalog()
     if as_json:
-        out.print_json(json.dumps(entries, default=str))
+        typer.echo(json.dumps(entries))
         return
     table = Table()
     for col in ("name", "description", "cached"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e["name"], e.get("description", ""), "yes" if e.get("cached") else "no")
+        table.add_row(e["name"], e["description"], "yes" if e["cached"] else "no")
     out.print(table)
 
 
@@ -215,19 +234,23 @@ def export_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     gptq: bool = typer.Option(False, "--gptq", help="GPTQ error feedback into the GGML grids "
                               "(needs --calib)."),
+    override: list[str] = typer.Option([], "--override", help="PATTERN=TYPE on module names, "
+                                       "after the file type's mixture, e.g. 'lm_head=Q8_0' or "
+                                       "'*.down_proj=Q6_K'."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Export SOURCE as a GGUF file for llama.cpp (re-quantizes a quantized artifact)."""
     from .data.calibration import calibration
-    from .gguf.export import export
+    from .exporters.gguf import export
 
     def go() -> Path:
         if not quiet:
             console.print(f"loading {source} …")
-        spec = calibration(calib, calib_samples, calib_len, seed) if calib else None
+        spec = calibration(calib, calib_samples, calib_len, seed, "float32") if calib else None
+        pairs = tuple(_pairs(override, "--override", "PATTERN=TYPE"))
         return export(source, output, ftype, imatrix=imatrix, calib=spec, force=force,
-                      progress=_progress_fn(quiet), gptq=gptq)
+                      progress=_progress_fn(quiet), gptq=gptq, overrides=pairs)
 
     path = _run(go)
     if not quiet:
@@ -249,7 +272,7 @@ def imatrix_cmd(
     """Compute llama.cpp's importance matrix (per-column Σx²) of SOURCE on calibration text."""
     from . import load
     from .data.calibration import calibration
-    from .gguf.imatrix import collect
+    from .exporters.imatrix import collect
     from .io_utils import check_output
 
     def go() -> Path:
@@ -257,7 +280,7 @@ def imatrix_cmd(
         if not quiet:
             console.print(f"loading {source} …")
         model = load(source)
-        spec = calibration(calib, calib_samples, calib_len, seed)
+        spec = calibration(calib, calib_samples, calib_len, seed, "float32")
         return collect(model, spec, progress=_progress_fn(quiet)).save(output)
 
     path = _run(go)
@@ -353,8 +376,8 @@ def compare_cmd(
 ) -> None:
     """Quantize by every method of a preset, measure every result the same way, store it in
     DIR/results.db (resuming finished cells) and write DIR/report.md and report.html."""
-    from .compare import compare as run_compare
-    from .compare.progress import RichHooks
+    from .comparison import compare as run_compare
+    from .comparison.progress import RichHooks
 
     hooks = None if quiet or as_json else RichHooks(console)
     res = _run(lambda: run_compare(*(sources or ()), preset=preset, methods=methods,
@@ -383,7 +406,31 @@ def report_cmd(
         console.print(f"[green]wrote[/] {path} and {path.with_name('report.html')}")
 
 
-def main() -> None:  # pragma: no cover
+#: loggers that warn about their own setup on every start, which a CLI user can do nothing
+#: about: torchao's CUDA-only kernels failing to load on a CPU machine, torch's deprecation of
+#: pytree registrations that torchao makes at import, bitsandbytes' optional CPU kernels
+_SETUP_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu")
+#: environment read by the libraries at import: their own progress bars (transformers'
+#: "Loading weights", compressed-tensors' "Decompressing model", all tqdm) and log levels
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+              "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": "ERROR"}
+
+
+def configure_process() -> None:
+    """Quiet the libraries for the ``edgequant`` command's own process (never for a library
+    user: only :func:`main` calls this). Their setup chatter and progress bars are hidden (our
+    own progress shows on stderr); their errors still print. Settings a user made in the
+    environment win; the fresh processes that measure speed and memory inherit these."""
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in _SETUP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:  # pragma: no cover  (tests run it in a subprocess)
+    configure_process()
     app()
 
 

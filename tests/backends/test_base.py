@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import edgequant as eq
-from edgequant.backends.base import Runnable, backend_names, open_runnable
+from edgequant.backends.base import Runnable, backend_names, engine_of, open_runnable
 from edgequant.backends.torch_native import TorchRunnable
 from edgequant.errors import ModelLoadError
 
@@ -40,7 +40,7 @@ def test_context_manager_and_interface():
         assert r.tokenize("hi <s>", special=True) == [*b"hi ", 256]
         assert r.detokenize(ids) == "hi <s>"
         assert r.logits(ids).shape == (len(ids), 259) and r.logits(ids).dtype == torch.float32
-        assert r.chat_prompt("x") is None
+        assert r.chat_template is None and engine_of(r) is r
         assert r.identity()["weights_sha256"] is None  # in memory: nothing cached under it
 
 

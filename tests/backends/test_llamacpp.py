@@ -33,7 +33,8 @@ def test_llama_cpp_and_transformers_agree_on_the_same_file(gguf_path, llama):
     torch_r = eq.open(gguf_path, backend="torch")  # the same file, dequantized
     assert llama.backend == "llama.cpp" and torch_r.backend == "torch"
     assert llama.tokenizer_fingerprint() == torch_r.tokenizer_fingerprint()
-    assert llama.chat_prompt("Hi") == torch_r.chat_prompt("Hi")
+    chat = [{"role": "user", "content": "Hi"}]
+    assert llama.apply_chat_template(chat) == torch_r.apply_chat_template(chat)
     stream = corpus_tokens("wiki", llama)
     windows = make_windows(stream, 512, llama.bos_id, max_tokens=2048)
     ppl_llama = score_windows(llama, windows).ppl
@@ -44,7 +45,7 @@ def test_llama_cpp_and_transformers_agree_on_the_same_file(gguf_path, llama):
 def test_llama_interface(llama):
     ids = llama.tokenize("The capital of France is")
     assert llama.logits(ids).shape == (len(ids), 49152)
-    out = llama.generate(ids, 6, stop_at_eos=False)
+    out = llama.generate(ids, max_tokens=6, ignore_eos=True).token_ids
     assert len(out) == 6 and all(0 <= t < 49152 for t in out)
     assert llama.bos_id == 1 and not llama.add_bos
     info = llama.size_info()

@@ -99,9 +99,6 @@ class TableRunnable(RunnableBase):
     def tokenizer_fingerprint(self) -> str:
         return "bytes"
 
-    def chat_prompt(self, user_text: str) -> None:
-        return None
-
     def identity(self) -> dict:
         return {"name": "table", "weights_sha256": None}
 

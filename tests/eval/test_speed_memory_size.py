@@ -35,7 +35,7 @@ def test_speed_protocol_on_a_tiny_model():
 def test_greedy_generation_with_cache_equals_recomputing_everything():
     r = eq.open(tiny_model())
     prompt = r.tokenize("Once upon a time")
-    fast = r.generate(prompt, 12, stop_at_eos=False)
+    fast = r.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
     ids = list(prompt)
     for _ in range(12):
         ids.append(int(r.logits(ids)[-1].argmax()))
@@ -125,7 +125,7 @@ def test_speed_runs_in_the_deployment_dtype(tmp_path):
         ids = exact.tokenize("Some plain English text")
         want = exact.logits(ids)
         assert (fast.logits(ids) - want).norm() / want.norm() < 3e-2
-        assert fast.generate(ids, 4, stop_at_eos=False) != []
+        assert fast.generate(ids, max_tokens=4, ignore_eos=True).completion_tokens == 4
     res = eq.evaluate(str(art), ["speed"], prompt_tokens=16, new_tokens=4, speed_runs=1,
                       warmup=0, threads=1)
     assert res.speed["runtime"]["dtype"] == ("bfloat16" if native_bf16() else "float32")

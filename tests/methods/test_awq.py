@@ -12,7 +12,8 @@ from edgequant.methods.scaling import fake_quantize, fold_groups
 from edgequant.models.architectures import block_list, spec_for
 from edgequant.models.artifact import load_artifact
 from edgequant.nn.quant_linear import QuantLinear
-from edgequant.pipeline import BlockContext, capture_block_inputs
+from edgequant.pipeline import BlockContext
+from edgequant.statistics import capture_block_inputs
 
 from .outliers import inject_outliers, one_thread, output_error, tokens, wrap  # noqa: F401
 
@@ -34,7 +35,9 @@ def _context(module, scheme):
     blocks = block_list(module, spec)
     inputs, kwargs = capture_block_inputs(module, blocks, list(tokens(4).split(2)))
     schemes = {r.path: QuantScheme.parse(scheme) for r in spec.linears}
-    return BlockContext(blocks[0], 0, spec, inputs, kwargs[0], schemes, AWQConfig())
+    calib = Calibration(tokens(4), compute_dtype="float32")
+    return BlockContext(blocks[0], 0, f"{spec.blocks}.0.", spec, inputs, kwargs[0], calib,
+                        schemes, AWQConfig())
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
@@ -112,7 +115,7 @@ def test_artifact_round_trip(tiny_gemma3, tmp_path):
     assert type(q.module.model.layers[1].self_attn.o_proj) is QuantLinear
     q.save(tmp_path / "awq")
     back = load_artifact(tmp_path / "awq")
-    assert back.recipe.method == "awq" and back.recipe.method_options == {"n_grid": 5}
+    assert back.recipe.name == "awq" and back.recipe.transforms == (AWQConfig(n_grid=5),)
     ids = tokens(2, seed=3)
     assert torch.equal(back.logits(ids), q.logits(ids))
 

@@ -11,15 +11,19 @@ import torch
 from edgequant.errors import EdgequantError, SchemeError
 from edgequant.formats import QuantizedTensor, QuantScheme, get_format, quantize_tensor
 from edgequant.formats.base import group
-from edgequant.methods import get_method
+from edgequant.methods import get_quantizer
 from edgequant.methods.gptq import (
     DampingRaised,
     GPTQConfig,
+    GroupEncoder,
     HessianError,
+    NativeEncoder,
     gptq_quantize,
     gptq_quantize_report,
+    gptq_solve,
     inverse_hessian_factor,
 )
+from edgequant.methods.registry import make_config
 
 
 def activations(n: int, cols: int, seed: int) -> torch.Tensor:
@@ -240,9 +244,9 @@ def test_bad_inputs() -> None:
 
 
 def test_registered_method() -> None:
-    m = get_method("gptq")
+    m = get_quantizer("gptq")
     assert m.needs == frozenset({"hessian"})
-    cfg = m.make_config({"act_order": True})
+    cfg = make_config(m, {"act_order": True})
     W = weight(8, 64)
     qt = m.quantize_weight(W, QuantScheme.parse("w4g32"), {"hessian": H_CAL[:64, :64],
                                                           "n_tokens": torch.tensor(2048)}, cfg)
@@ -258,6 +262,62 @@ def test_grouped_params_match_group_view_for_static_groups() -> None:
     qt = gptq_quantize(W, H_CAL, scheme, GPTQConfig(static_groups=True))
     p = get_format("int").params(group(W, scheme), scheme)
     torch.testing.assert_close(qt.params()["scales"], p["scales"], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- the one solver
+class _OneColumnGroups(GroupEncoder[torch.Tensor]):
+    """Per-channel parameters fixed up front, rounded a "group" of one column at a time: the
+    block update ``E·U_BB⁻¹·U_BR`` with ``B = {j}`` is the paper's column update."""
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = QuantScheme.parse(scheme)
+        self.fmt = get_format(self.scheme.format)
+
+    def group_width(self, n_cols: int) -> int:
+        return 1
+
+    def begin(self, W: torch.Tensor, perm: torch.Tensor | None) -> None:
+        assert perm is None
+        self.p = self.fmt.params(group(W, self.scheme), self.scheme)
+        self.out = torch.empty_like(W)
+
+    def round_group(self, W: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        x = W[:, j0:j1].unsqueeze(1)                                # (R, 1, 1)
+        q = self.fmt.decode(self.fmt.encode(x, self.p, self.scheme), self.p, self.scheme)
+        self.out[:, j0:j1] = q.squeeze(1)
+        return q.squeeze(1)
+
+    def finish(self) -> torch.Tensor:
+        return self.out
+
+
+@pytest.mark.parametrize("block_size", [1, 128])
+def test_group_path_with_one_column_groups_is_the_column_path(block_size: int) -> None:
+    W = weight(ROWS, COLS, seed=18)
+    cfg = GPTQConfig(block_size=block_size)
+    got, rep = gptq_solve(W, H_CAL, _OneColumnGroups("w4"), cfg)
+    qt, ref = gptq_quantize_report(W, H_CAL, "w4", cfg)
+    assert (got != qt.dequantize()).float().mean() < 1e-3  # float reassociation: rare ties
+    assert rep.loss == pytest.approx(ref.loss, rel=1e-3)
+    assert rep.damp == ref.damp and rep.dead_columns == ref.dead_columns == 0
+
+
+def test_solver_takes_the_native_encoder_directly() -> None:
+    W = weight(16, COLS, seed=19)
+    cfg = GPTQConfig(act_order=True)
+    qt, rep = gptq_solve(W, H_CAL, NativeEncoder("w4g64"), cfg)
+    ref, ref_rep = gptq_quantize_report(W, H_CAL, "w4g64", cfg)
+    assert torch.equal(qt.dequantize(), ref.dequantize()) and rep.loss == ref_rep.loss
+    assert qt.g_idx is not None and torch.equal(qt.g_idx, ref.g_idx)
+
+
+def test_float64_hessian_is_factorized_without_float32_rounding() -> None:
+    """Σ x xᵀ in float64 (what the imatrix collector stores) goes to the factorization as is;
+    the result agrees with the float32 Hessian's up to rare rounding ties."""
+    W = weight(16, COLS, seed=20)
+    a = gptq_quantize(W, H_CAL.double(), "w4g64").dequantize()
+    b = gptq_quantize(W, H_CAL, "w4g64").dequantize()
+    assert (a != b).float().mean() < 1e-2
 
 
 # --------------------------------------------------------------------- the real model

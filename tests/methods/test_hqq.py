@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import edgequant as eq
 from edgequant.errors import SchemeError
 from edgequant.formats import QuantizedTensor, QuantScheme, quantize_tensor
-from edgequant.methods import get_method
+from edgequant.methods import get_quantizer
 from edgequant.methods.hqq import (
     HQQConfig,
     dequantize_float_zero,
@@ -15,6 +16,7 @@ from edgequant.methods.hqq import (
     hqq_quantize,
     shrink_lp,
 )
+from edgequant.methods.registry import make_config
 
 
 def weights(kind: str, shape: tuple[int, int] = (96, 512), seed: int = 0) -> torch.Tensor:
@@ -111,10 +113,10 @@ def test_bad_options() -> None:
 
 
 def test_registered_method_needs_no_calibration() -> None:
-    m = get_method("hqq")
-    assert not m.needs_calibration
+    m = get_quantizer("hqq")
+    assert not m.needs and not eq.Recipe.parse("hqq").needs_calibration
     W = weights("gauss", shape=(8, 128))
-    qt = m.quantize_weight(W, QuantScheme.parse("w4g64-asym"), {}, m.make_config({}))
+    qt = m.quantize_weight(W, QuantScheme.parse("w4g64-asym"), {}, make_config(m, {}))
     assert qt.shape == (8, 128)
 
 

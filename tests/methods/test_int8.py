@@ -5,7 +5,6 @@ import torch
 
 import edgequant as eq
 from edgequant.errors import SchemeError
-from edgequant.methods import get_method
 from edgequant.models.artifact import load_artifact
 from edgequant.nn.w8a8 import W8A8Linear
 
@@ -13,8 +12,8 @@ from .outliers import one_thread, tokens, wrap  # noqa: F401
 
 
 def test_dynamic_needs_no_data_and_uses_w8a8_layers(tiny_llama):
-    assert not get_method("dynamic").needs_calibration
-    assert get_method("static").needs_calibration
+    assert not eq.Recipe.parse("dynamic", "w8a8").needs_calibration
+    assert eq.Recipe.parse("static", "w8a8-static").needs_calibration
     model = wrap(tiny_llama)
     q = eq.quantize(model, "dynamic", scheme="w8a8")
     layers = [m for m in q.module.modules() if isinstance(m, W8A8Linear)]

@@ -6,7 +6,7 @@ import torch
 import edgequant as eq
 from edgequant.errors import SchemeError
 from edgequant.methods.scaling import fold_groups
-from edgequant.methods.smoothquant import smooth_scales
+from edgequant.methods.smoothquant import SmoothQuantConfig, smooth_scales
 from edgequant.models.architectures import block_list, spec_for
 from edgequant.models.artifact import load_artifact
 from edgequant.nn.w8a8 import W8A8Linear
@@ -92,7 +92,7 @@ def test_artifact_round_trip(tiny_gemma3, tmp_path, scheme):
     assert isinstance(q.module.model.layers[0].mlp.up_proj, W8A8Linear)
     q.save(tmp_path / "sq")
     back = load_artifact(tmp_path / "sq")
-    assert back.recipe.method_options == {"alpha": 0.6}
+    assert back.recipe.transforms == (SmoothQuantConfig(alpha=0.6),)
     ids = tokens(2, seed=3)
     assert torch.equal(back.logits(ids), q.logits(ids))
 

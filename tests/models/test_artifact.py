@@ -137,3 +137,51 @@ def test_bad_manifest(saved):
     (saved / MANIFEST).unlink()
     with pytest.raises(ArtifactError, match="not an edgequant artifact"):
         load_artifact(saved)
+
+
+def test_save_leaves_the_callers_model_alone(tiny_llama, tmp_path):
+    """A source's quantization_config (a GPTQ checkpoint's) stays off the artifact's config
+    and on the caller's model."""
+    q = quantized(tiny_llama)
+    q.module.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    q.save(tmp_path / "a")
+    assert q.module.config.quantization_config == {"quant_method": "gptq", "bits": 4}
+    assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w3g24-asym", "nf4-dq", "w8a8"])
+def test_info_from_the_header_is_the_loaded_summary(tiny_llama, tmp_path, scheme):
+    """``artifact_info`` reads no weights and builds no model, and says what ``summary`` of
+    the loaded model says; an older manifest (no quantized-tensor list) gives the same."""
+    from edgequant.models.manifest import QUANTIZED_TENSORS, artifact_info
+
+    if scheme == "w8a8":
+        m = Model(tiny_llama, tiny_tokenizer(128), {"name": "tiny", "sha256": "x"})
+        q = eq.quantize(m, "dynamic", scheme="w8a8")
+    else:
+        q = quantized(tiny_llama, scheme, overrides=(("lm_head", "w8"),))
+    path = q.save(tmp_path / "a")
+    info, summary = artifact_info(path), eq.load(path).summary()
+    for key in ("layers", "num_params", "quantized_params", "quantized_bytes", "weight_bytes",
+                "bits_per_weight", "bits_per_weight_total"):
+        assert info[key] == summary[key], key
+    assert info["size_bytes"] == (path / WEIGHTS).stat().st_size
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest[QUANTIZED_TENSORS]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    old = artifact_info(path)
+    assert {**old, "dir_bytes": 0} == {**info, "dir_bytes": 0}  # the manifest is shorter
+
+
+def test_a_tampered_tensor_list_is_refused(tiny_llama, tmp_path):
+    from edgequant.models.manifest import QUANTIZED_TENSORS, artifact_info
+
+    path = quantized(tiny_llama).save(tmp_path / "a")
+    manifest = json.loads((path / MANIFEST).read_text())
+    layer = next(iter(manifest[QUANTIZED_TENSORS]))
+    manifest[QUANTIZED_TENSORS][layer].append("nope")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="lacks the stored tensors"):
+        artifact_info(path)
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_artifact(path)

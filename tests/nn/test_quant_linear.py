@@ -2,10 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgequant.errors import SchemeError
-from edgequant.formats import QuantizedTensor, QuantScheme, quantize_tensor
+from edgequant.formats import QuantizedTensor, quantize_tensor
 from edgequant.nn.quant_linear import QuantLinear
-from edgequant.nn.recipe import Recipe
 
 
 @pytest.mark.parametrize("scheme", ["w4g128", "w3g32-asym", "w8", "w2-tensor"])
@@ -24,23 +22,6 @@ def test_buffers_follow_dtype_of_input():
     layer = QuantLinear(qt)
     y = layer(torch.randn(2, 64, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
-
-
-def test_recipe_targets_and_overrides():
-    r = Recipe(scheme=QuantScheme.parse("w4g128"),
-               overrides=(("*.mlp.down_proj", "w8"), ("lm_head", "w8"),
-                          ("model.layers.0.*", "keep")))
-    assert r.scheme_for("model.layers.1.self_attn.q_proj", in_blocks=True).name == "w4g128"
-    assert r.scheme_for("model.layers.1.mlp.down_proj", in_blocks=True).name == "w8"
-    assert r.scheme_for("model.layers.0.mlp.down_proj", in_blocks=True) is None  # last wins
-    assert r.scheme_for("lm_head", in_blocks=False).name == "w8"
-    assert Recipe().scheme_for("lm_head", in_blocks=False) is None  # 16-bit unless asked
-    assert Recipe.from_dict(r.to_dict()) == r
-
-
-def test_recipe_rejects_bad_override():
-    with pytest.raises(SchemeError, match="valid examples"):
-        Recipe(overrides=(("lm_head", "w4q9"),))
 
 
 def test_cached_weights_give_identical_outputs_and_are_dropped_on_exit(monkeypatch):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.compare.runner import run
-from tests.compare import fakes
+from edgequant.comparison.runner import run
+from tests.comparison import fakes
 
 
 def make_db(out: Path, models: tuple[str, ...] = (fakes.MODEL, "fake-big")) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.compare.store import ResultRow, Store, StoreError
+from edgequant.comparison.store import ResultRow, Store, StoreError
 from edgequant.report import render_report
 from edgequant.report.render import caveats
 from edgequant.report.tables import COLUMNS, fmt, parse_markdown_table, parse_number
@@ -105,9 +105,9 @@ def test_report_of_a_missing_db_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_only_cells_measured_alike_are_compared(tmp_path: Path) -> None:
-    from edgequant.compare.matrix import Settings
-    from edgequant.compare.runner import run
-    from tests.compare import fakes
+    from edgequant.comparison.matrix import Settings
+    from edgequant.comparison.runner import run
+    from tests.comparison import fakes
     from tests.report.conftest import make_db
 
     out = make_db(tmp_path / "cmp", models=(fakes.MODEL,))
@@ -127,7 +127,7 @@ def _row(model: str, kind: str = "native") -> ResultRow:
 
 
 def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
-    from edgequant.compare.matrix import Settings
+    from edgequant.comparison.matrix import Settings
 
     rows = [_row("smollm2-135m"), _row("smollm2-135m-asis"),
             ResultRow(2, "cd" * 32, 1, "smollm2-135m", "gguf", "gguf", "Q4_K_M", "edgequant",
@@ -144,9 +144,42 @@ def test_caveats_name_the_zoo_permutation_and_llama_cpp_fallback() -> None:
 
 
 def test_a_busy_machine_is_a_caveat() -> None:
-    from edgequant.compare.matrix import Settings
+    from edgequant.comparison.matrix import Settings
 
     busy = caveats([_row("m")], Settings(), {"loadavg": [9.5, 9, 9], "cpus": 2})
     idle = caveats([_row("m")], Settings(), {"loadavg": [0.5, 1, 1], "cpus": 2})
     assert any("machine was busy" in c and "9.5" in c for c in busy)
     assert not any("busy" in c for c in idle)
+
+
+def test_html_shows_no_raw_markdown(report_dir: Path) -> None:
+    """The HTML renders the report's inline Markdown (status **done**, `cell` names in the
+    recommendations, setup and equal-memory table) instead of printing its marks."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chunks: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag: str, attrs: object) -> None:
+            self.skip += tag in ("style", "title")
+
+        def handle_endtag(self, tag: str) -> None:
+            self.skip -= tag in ("style", "title")
+
+        def handle_data(self, data: str) -> None:
+            if not self.skip:
+                self.chunks.append(data)
+
+    html = (report_dir / "report.html").read_text()
+    parser = Text()
+    parser.feed(html)
+    text = "".join(parser.chunks)
+    assert "**" not in text and "`" not in text, [line for line in text.splitlines()
+                                                   if "**" in line or "`" in line]
+    assert "status <strong>done</strong>" in html
+    md = (report_dir / "report.md").read_text()
+    short = md.split("## Recommendations")[1].split("`")[1]  # the first recommended cell
+    assert f"<code>{short}</code>" in html.split("<h2>Recommendations</h2>")[1]

@@ -1,8 +1,16 @@
-"""``Runnable``: anything evaluation can run, and :func:`open_runnable`, which makes one.
+"""``Runnable``: anything evaluation can score, and :func:`open_runnable`, which makes one.
 
 Every number edgequant reports comes from the same evaluation code calling this small
 interface, whatever produced the model: a torch ``Model`` (original, zoo, HF folder, native
 artifact) or a ``.gguf`` file run by llama.cpp.
+
+A Runnable scores (logits of whole sequences, batched, with shared prefixes); it does not
+generate. The real backends' Runnables *are* engines: :class:`~edgequant.backends.torch_native.
+TorchRunnable` extends :class:`~edgequant.engine.torch_engine.TorchEngine` and
+:class:`~edgequant.backends.llamacpp.LlamaCppRunnable` extends
+:class:`~edgequant.engine.llamacpp_engine.LlamaCppEngine`, so one loaded model serves both
+scoring and generation (speed, sample generations, serving) and ``eq.open`` returns an object
+that is both.
 
 This module imports no torch at load time, so a measuring subprocess for a GGUF file carries
 only llama.cpp and numpy (see :mod:`edgequant.eval.memory`).
@@ -15,12 +23,14 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
-from ..errors import ModelLoadError
+from ..errors import EvaluationError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
+
+    from ..engine.base import Engine
 
 
 @runtime_checkable
@@ -74,22 +84,7 @@ class Runnable(Protocol):
         backend may compute each prefix once (the torch backend does)."""
         ...
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 stop_at_eos: bool = True) -> list[int]:
-        """Greedy generation with a KV cache; returns the new tokens only."""
-        ...
-
-    def time_generation(self, prompt_ids: Sequence[int], new_tokens: int) -> tuple[float, float]:
-        """One timed run: seconds for the prefill of ``prompt_ids`` (giving the first new
-        token), and seconds for ``new_tokens`` single-token greedy decode steps after it."""
-        ...
-
     def tokenizer_fingerprint(self) -> str: ...
-
-    def chat_prompt(self, user_text: str) -> str | None:
-        """``user_text`` in the model's chat template (with the assistant turn opened), or
-        None when the model has no template."""
-        ...
 
     def identity(self) -> dict[str, Any]:
         """What the weights are: ``name``, ``path``, ``sha256``, ``kind``, recipe …"""
@@ -116,12 +111,12 @@ class Runnable(Protocol):
 
 
 class RunnableBase:
-    """Shared behaviour: context manager, unbatched ``logits_batch``, greedy ``generate`` and
-    ``time_generation`` on top of a backend's ``_prefill``/``_step`` pair."""
+    """Shared behaviour: context manager, unbatched ``logits_batch``, ``logits_shared`` on
+    top of ``logits_batch``."""
 
     backend = "base"
 
-    def __enter__(self) -> RunnableBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -148,47 +143,26 @@ class RunnableBase:
         rows = iter(self.logits_batch(flat, last=[n for wanted in last for n in wanted]))
         return [[next(rows) for _ in branches] for _, branches in trees]
 
-    # A backend provides: _prefill(ids) -> next token (greedy, KV cache filled);
-    # _step(token) -> next token (one decode step on the cache).
-    def _prefill(self, ids: Sequence[int]) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def _step(self, token: int) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 stop_at_eos: bool = True) -> list[int]:
-        self._check_length(len(prompt_ids) + max_new_tokens)
-        eos = getattr(self, "eos_id", None)
-        out: list[int] = []
-        if max_new_tokens <= 0:
-            return out
-        tok = self._prefill(prompt_ids)
-        while True:
-            out.append(tok)
-            if len(out) >= max_new_tokens or (stop_at_eos and tok == eos):
-                return out
-            tok = self._step(tok)
-
-    def time_generation(self, prompt_ids: Sequence[int], new_tokens: int) -> tuple[float, float]:
-        import time
-
-        self._check_length(len(prompt_ids) + new_tokens + 1)
-        t0 = time.perf_counter()
-        tok = self._prefill(prompt_ids)
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            tok = self._step(tok)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
     def _check_length(self, n: int) -> None:
         limit = getattr(self, "max_context", None)
         if limit is not None and n > limit:
-            from ..errors import EvaluationError
-
             raise EvaluationError(f"{n} tokens do not fit the model's context of {limit}; "
                                   "use a shorter window or prompt")
+
+
+def engine_of(runnable: Runnable) -> Engine:
+    """The engine that generates with ``runnable``'s loaded weights: the Runnable itself for
+    the torch and llama.cpp backends (their Runnables extend their engines).
+
+    Raises:
+        EvaluationError: a Runnable that only scores (it cannot generate or be timed).
+    """
+    from ..engine.base import Engine
+
+    if isinstance(runnable, Engine):
+        return runnable
+    raise EvaluationError(f"{getattr(runnable, 'name', runnable)} ({runnable.backend}) has no "
+                          "engine: it scores but cannot generate or be timed")
 
 
 # --- opening --------------------------------------------------------------------------------
@@ -238,6 +212,7 @@ def open_runnable(source: Any, backend: str | None = None, **options: Any) -> Ru
     Example:
         >>> with eq.open("smollm2-135m") as r:
         ...     r.logits(r.tokenize("Hello"))
+        ...     r.generate("Hello", max_tokens=8).text   # the torch/llama.cpp ones are engines
     """
     if isinstance(source, Runnable):
         return source

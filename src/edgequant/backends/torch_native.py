@@ -2,7 +2,8 @@
 
 Runs anything ``eq.load`` returns — an original model (zoo name, HF folder, hub id, a GGUF
 dequantized by transformers) or a native artifact with ``QuantLinear`` layers — through
-its transformers module. Greedy decoding uses the module's KV cache (``past_key_values``).
+its transformers module. The Runnable is a :class:`~edgequant.engine.torch_engine.TorchEngine`
+(generation on explicit per-state KV caches) with evaluation's scoring added.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 import torch
 
 from ..compute import dtype_name, resolve_compute_dtype
-from ..data.tokens import HFTextTokenizer
+from ..engine.torch_engine import TorchEngine
 from ..errors import ModelLoadError
 from ..models.model import Model
 from .base import RunnableBase
 
 
-class TorchRunnable(RunnableBase):
-    """A ``Model`` behind the Runnable interface.
+class TorchRunnable(TorchEngine, RunnableBase):
+    """A ``Model`` behind the Runnable interface, and its engine.
 
     Args:
         model: the model; it is used where it is (a given model is never moved).
@@ -35,37 +36,10 @@ class TorchRunnable(RunnableBase):
     backend = "torch"
 
     def __init__(self, model: Model, reopen: str | None = None, batch_tokens: int = 4096) -> None:
+        TorchEngine.__init__(self, model.module, model.tokenizer, model.name)
         self.model = model
-        self.module: Any = model.module
-        self.tokenizer = model.tokenizer
-        self._tok = HFTextTokenizer(model.tokenizer)
-        if self._tok.bos_id is None:
-            raise ModelLoadError(f"the tokenizer of {model.name} has neither a BOS nor an EOS "
-                                 "token; edgequant starts every window with one")
-        self.bos_id: int = self._tok.bos_id
-        self.eos_id: int | None = model.tokenizer.eos_token_id
-        first = model.tokenizer("a")["input_ids"][:1]
-        self.add_bos = model.tokenizer.bos_token_id is not None and \
-            first == [model.tokenizer.bos_token_id]
-        config: Any = model.module.config
-        text_config: Any = config.get_text_config() if hasattr(config, "get_text_config") \
-            else config
-        self.vocab_size: int = int(text_config.vocab_size)
-        self.max_context: int = int(getattr(text_config, "max_position_embeddings", 1 << 20))
-        self.name = model.name
         self._reopen = reopen
         self._batch_tokens = batch_tokens
-        self._past: Any = None
-
-    @property
-    def threads(self) -> int:  # type: ignore[override]
-        return torch.get_num_threads()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the model's unquantized float weights: what it computes in."""
-        emb = self.module.get_input_embeddings()
-        return emb.weight.dtype if emb is not None else torch.float32  # type: ignore[no-any-return]
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -77,28 +51,10 @@ class TorchRunnable(RunnableBase):
         return {"dtype": dtype_name(self.dtype), "device": self.device.type,
                 **kernel_plan(self.module).summary()}
 
-    @property
-    def device(self) -> torch.device:
-        for t in [*self.module.parameters(), *self.module.buffers()][:1]:
-            return t.device  # type: ignore[no-any-return]
-        return torch.device("cpu")
-
     # --- tokens ---------------------------------------------------------------------------
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self._tok.tokenize(text, special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def tokenizer_fingerprint(self) -> str:
         return self._tok.tokenizer_fingerprint()
-
-    def chat_prompt(self, user_text: str) -> str | None:
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        return str(self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True))
 
     # --- compute --------------------------------------------------------------------------
 
@@ -207,27 +163,6 @@ class TorchRunnable(RunnableBase):
             for w in per_branch:
                 into[r].append(logits[r, [column[t] for t in w]].float().cpu())
 
-    @torch.inference_mode()
-    def _prefill(self, ids: Sequence[int]) -> int:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        res = self.module(input_ids=x, use_cache=True, logits_to_keep=1)
-        self._past = res.past_key_values
-        return int(res.logits[0, -1].argmax())
-
-    @torch.inference_mode()
-    def _step(self, token: int) -> int:
-        x = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        res = self.module(input_ids=x, past_key_values=self._past, use_cache=True)
-        self._past = res.past_key_values
-        return int(res.logits[0, -1].argmax())
-
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 stop_at_eos: bool = True) -> list[int]:
-        try:
-            return super().generate(prompt_ids, max_new_tokens, stop_at_eos)
-        finally:
-            self._past = None
-
     # --- identity -------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
@@ -280,7 +215,7 @@ class TorchRunnable(RunnableBase):
                 "dtype": dtype_name(self.dtype)}
 
     def close(self) -> None:
-        self._past = None
+        """Nothing to free: the module belongs to the ``Model``, caches to their states."""
 
 
 def _groups(seqs: Sequence[Sequence[int]], budget: int) -> list[list[Sequence[int]]]:

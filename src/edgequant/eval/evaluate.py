@@ -15,16 +15,17 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import Runnable, open_runnable
+from ..backends.base import Runnable, engine_of, open_runnable
 from ..compute import resolve_compute_dtype
 from ..errors import EvaluationError
+from ..progress import Progress
+from ..versions import installed_versions
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 METRICS = ("ppl", "kld", "tasks", "speed", "memory", "size", "generate")
 
 
@@ -180,7 +181,7 @@ def evaluate(target: Any, metrics: Sequence[str] | None = None,
 def _run(r: Runnable, wanted: list[str], cfg: EvalConfig, progress: Progress | None
          ) -> EvalResult:
     res = EvalResult(model=r.identity(), backend=r.backend, metrics=wanted,
-                     versions=_versions())
+                     versions=installed_versions("llama_cpp_python"))
     if res.model.get("llama_extra_bufts") is False:
         res.notes.append("llama.cpp ran without its extra buffer types (AMX kernels, weight "
                          "repacking): they crash on this machine (see "
@@ -266,7 +267,7 @@ def _generations(r: Runnable, cfg: EvalConfig, res: EvalResult, timer: _Timer) -
     from .generate import generate_samples, save_generations
 
     with timer("generate"):
-        res.generations = generate_samples(r, max_new_tokens=cfg.generate_tokens)
+        res.generations = generate_samples(engine_of(r), max_new_tokens=cfg.generate_tokens)
     if cfg.generate_out:
         meta = {"model": res.model, "backend": r.backend, "max_new_tokens": cfg.generate_tokens,
                 "greedy": True}
@@ -283,7 +284,8 @@ def _speed_memory(r: Runnable, stream: Any, cfg: EvalConfig, res: EvalResult) ->
         if spec is None:
             res.notes.append(f"{r.name} cannot be reopened in a fresh process: speed measured "
                              "in this process, memory not measured")
-            sp = measure_speed(r, prompt, cfg.new_tokens, cfg.speed_runs, cfg.warmup).to_dict()
+            sp = measure_speed(engine_of(r), prompt, cfg.new_tokens, cfg.speed_runs,
+                               cfg.warmup).to_dict()
         else:
             options = r.reopen_options()
             if "dtype" in options:  # a torch model: reopened in the deployment dtype
@@ -344,13 +346,3 @@ class _Timer:
             yield
         finally:
             self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("edgequant", "torch", "transformers", "llama_cpp_python"):
-        with suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out

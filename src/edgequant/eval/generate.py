@@ -1,9 +1,9 @@
 """Generations: a fixed prompt set, greedy, fixed length — to read what quantization did.
 
-Each prompt goes through the model's chat template (user turn, assistant turn opened) when
-its tokenizer has one; BOS is prepended when the tokenizer adds it by default and the
-formatted prompt does not already start with it. Decoding is greedy and stops at EOS or
-after ``max_new_tokens``.
+Through the engine (:meth:`~edgequant.engine.Engine.generate`): each prompt goes through the
+model's chat template (user turn, assistant turn opened) when it has one; BOS is prepended
+when the tokenizer adds it by default and the formatted prompt does not already start with
+it. Decoding is greedy and stops at an end-of-generation token or after ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..engine.base import Engine
+from ..engine.sampling import SamplingParams
 from ..io_utils import atomic_file
 
 PROMPTS: tuple[str, ...] = (
@@ -25,26 +27,25 @@ PROMPTS: tuple[str, ...] = (
 MAX_NEW_TOKENS = 64
 
 
-def prompt_ids(runnable: Any, prompt: str) -> tuple[str, list[int], bool]:
+def prompt_ids(engine: Engine, prompt: str) -> tuple[str, list[int], bool]:
     """The text actually fed, its ids, and whether the chat template was used."""
-    chat = runnable.chat_prompt(prompt)
-    text = chat if chat is not None else prompt
-    ids = runnable.tokenize(text, special=chat is not None)
-    if runnable.add_bos and ids[:1] != [runnable.bos_id]:
-        ids = [runnable.bos_id, *ids]
-    return text, ids, chat is not None
+    chat = engine.chat_template is not None
+    text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat \
+        else prompt
+    return text, engine.encode_prompt(text), chat
 
 
-def generate_samples(runnable: Any, prompts: Sequence[str] = PROMPTS,
+def generate_samples(engine: Engine, prompts: Sequence[str] = PROMPTS,
                      max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict[str, Any]]:
     """Greedy continuations of ``prompts``: prompt, formatted text, output text and ids."""
+    params = SamplingParams(max_tokens=max_new_tokens)   # greedy
     out = []
     for p in prompts:
-        text, ids, chat = prompt_ids(runnable, p)
-        new = runnable.generate(ids, max_new_tokens)
+        text, ids, chat = prompt_ids(engine, p)
+        res = engine.generate(ids, params)
         out.append({"prompt": p, "chat_template": chat, "input": text,
-                    "input_tokens": len(ids), "output": runnable.detokenize(new),
-                    "output_ids": new})
+                    "input_tokens": len(ids), "output": res.text,
+                    "output_ids": res.token_ids, "finish_reason": res.finish_reason})
     return out
 
 

@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.fetch import cache_root
+from ..cache import cache_root
 from ..io_utils import atomic_file
+from ..progress import Progress
 from .perplexity import Windows
 
 DEFAULT_TOPK = 256
@@ -54,7 +54,6 @@ DEFAULT_TAIL_SAMPLES = 128
 CACHE_VERSION = 2
 _CHUNK = 128  # rows per float64 softmax (memory: 128 × V × 8 bytes)
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 
 
 @dataclass

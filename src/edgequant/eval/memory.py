@@ -3,8 +3,8 @@
 The parent writes a request (the model's source, backend, prompt ids, threads) to a file and
 starts ``python -c <bootstrap> REQUEST``. The child records its RSS before loading, opens the
 model with :func:`~edgequant.backends.base.open_runnable`, runs
-:func:`~edgequant.eval.speed.measure_speed`, and prints one JSON line: the speed figures,
-``peak_rss_mb`` (its own high-water mark ``VmHWM``: every byte it ever held resident,
+:func:`~edgequant.eval.speed.measure_speed` on its engine, and prints one JSON line: the speed
+figures, ``peak_rss_mb`` (its own high-water mark ``VmHWM``: every byte it ever held resident,
 interpreter and libraries included, nothing inherited from the parent — see
 :func:`_peak_rss_mb` for why not ``ru_maxrss``), ``rss_before_load_mb``
 (the interpreter and libraries alone), ``load_s``, and ``peak_cuda_mb`` on a GPU. Where
@@ -15,7 +15,8 @@ alone: what running the model needs).
 
 For a GGUF file the child imports the ``edgequant`` package without running its
 ``__init__`` (which imports torch), so its peak is llama.cpp + numpy + Python — what an
-edge deployment of that file would hold — not torch's hundreds of MB.
+edge deployment of that file would hold — not torch's hundreds of MB (``edgequant.engine``,
+its llama.cpp engine and sampling import no torch either).
 
 Run by hand: ``python -m edgequant.eval.memory REQUEST.json``.
 """
@@ -118,7 +119,7 @@ def _reset_peak_rss() -> bool:
 
 def child_main(request_path: str) -> None:
     """The child's side: load, measure, print one ``MARKER`` JSON line."""
-    from ..backends.base import open_runnable
+    from ..backends.base import engine_of, open_runnable
     from .speed import measure_speed
 
     req = json.loads(Path(request_path).read_text())
@@ -130,7 +131,7 @@ def child_main(request_path: str) -> None:
     split = _reset_peak_rss()
     try:
         runtime = getattr(runnable, "runtime", None)
-        speed = measure_speed(runnable, req["prompt"], req["new_tokens"], req["runs"],
+        speed = measure_speed(engine_of(runnable), req["prompt"], req["new_tokens"], req["runs"],
                               req["warmup"])
     finally:
         runnable.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,8 @@ from ..errors import DataError, EvaluationError
 if TYPE_CHECKING:
     from .kld import BaseDistribution
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
+from ..progress import Progress
+
 _CHUNK = 128
 
 

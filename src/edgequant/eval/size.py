@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..sizes import size_record
+
 if TYPE_CHECKING:
     from ..models.model import Model
-
-_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 
 
 def gguf_size_info(path: str | Path) -> dict[str, Any]:
@@ -39,35 +39,26 @@ def gguf_size_info(path: str | Path) -> dict[str, Any]:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             lin_params += n
             lin_bytes += b
-    return {
-        "size_bytes": Path(path).stat().st_size,
-        "size_on_disk": True,
-        "num_params": all_params,
-        "bits_per_weight": 8 * lin_bytes / lin_params if lin_params else None,
-        "bits_per_weight_total": 8 * all_bytes / all_params if all_params else None,
-        "weight_bytes": all_bytes,
-        "tensor_types": types,
-    }
+    return size_record(num_params=all_params, weight_bytes=all_bytes, linear_params=lin_params,
+                       linear_bytes=lin_bytes, size_bytes=Path(path).stat().st_size,
+                       on_disk=True, tensor_types=types)
 
 
 def model_size_info(model: Model, path: Path | None = None) -> dict[str, Any]:
     """Size accounting of a torch ``Model`` (``path``: where its weights live, if on disk)."""
     s = model.summary()
-    bpw = s["bits_per_weight"]
-    if bpw is None:
-        bpw = _dense_linear_bits(model.module)
+    if s["quantized_layers"]:
+        lin_params, lin_bytes = s["quantized_params"], s["quantized_bytes"]
+    else:
+        lin_params, lin_bytes = _dense_linears(model.module)
     size, on_disk = _weights_on_disk(path)
-    return {
-        "size_bytes": size if on_disk else s["weight_bytes"],
-        "size_on_disk": on_disk,
-        "num_params": s["num_params"],
-        "bits_per_weight": bpw,
-        "bits_per_weight_total": s["bits_per_weight_total"],
-        "weight_bytes": s["weight_bytes"],
-    }
+    return size_record(num_params=s["num_params"], weight_bytes=s["weight_bytes"],
+                       linear_params=lin_params, linear_bytes=lin_bytes,
+                       size_bytes=size if on_disk else None, on_disk=on_disk)
 
 
-def _dense_linear_bits(module: Any) -> float | None:
+def _dense_linears(module: Any) -> tuple[int, int]:
+    """Parameters and bytes of an unquantized model's linear weights, the head left out."""
     from torch import nn
 
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
@@ -76,7 +67,7 @@ def _dense_linear_bits(module: Any) -> float | None:
         if isinstance(m, nn.Linear) and m is not head:
             n += m.weight.numel()
             b += m.weight.numel() * m.weight.element_size()
-    return 8 * b / n if n else None
+    return n, b
 
 
 def _weights_on_disk(path: Path | None) -> tuple[int, bool]:

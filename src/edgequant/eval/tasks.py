@@ -18,12 +18,12 @@ Winogrande has one context per option and a shared continuation; lm-eval defines
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..data.tasks import MCItem
+from ..progress import Progress
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 MAX_LENGTH = 2048  # lm-eval's default max_length; longer requests are cut on the left
 _ITEMS_PER_CALL = 16
 

@@ -33,6 +33,8 @@ from .scheme import FORMATS, QuantScheme
 
 _REGISTRY: dict[str, NumberFormat] = {}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: stored tensor name -> (shape, dtype): what a scheme writes, checked before data is read
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class NumberFormat(ABC):
@@ -80,6 +82,8 @@ def register_format(cls: type[NumberFormat]) -> type[NumberFormat]:
 
 
 def get_format(name: str) -> NumberFormat:
+    if name not in _REGISTRY:  # the formats register when their modules are first imported
+        from . import codebook, floating, integer, sign  # noqa: F401
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TORCH_DTYPES, NumberFormat, register_format, round_scale_up
+from .base import TORCH_DTYPES, Layout, NumberFormat, register_format, round_scale_up
 from .packing import pack, packed_nbytes, unpack
 from .scheme import QuantScheme
 
@@ -84,7 +84,7 @@ class IntFormat(NumberFormat):
 
     def layout(self, scheme: QuantScheme,
                pshape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        out = {"scales": (pshape, TORCH_DTYPES[scheme.scale_dtype])}
+        out: Layout = {"scales": (pshape, TORCH_DTYPES[scheme.scale_dtype])}
         if scheme.float_zero:
             out["zeros"] = (pshape, TORCH_DTYPES[scheme.scale_dtype])
         elif not scheme.symmetric:

@@ -196,6 +196,7 @@ def _parse(text: str) -> QuantScheme:
     fmt = "int" if m["bits"] else {"fp8": "fp8_e4m3"}.get(m["fmt"], m["fmt"])
     fixed_bits, granularity, group = FORMATS[fmt]
     bits = int(m["bits"]) if m["bits"] else fixed_bits
+    assert bits is not None  # "int" is named by w<bits>; every other format fixes its bits
     if m["group"]:
         granularity, group = "group", int(m["group"])
     if "channel" in flags:

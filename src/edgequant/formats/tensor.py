@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArtifactError, SchemeError, WeightError
-from .base import get_format, group, grouped_shape, ungroup
+from .base import Layout, get_format, group, grouped_shape, ungroup
 from .packing import pack, packed_nbytes, unpack
 from .scheme import QuantScheme
 
@@ -103,7 +103,8 @@ class QuantizedTensor:
                act_order: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Names, shapes and dtypes that a tensor of ``shape`` under ``scheme`` stores."""
         r, n_groups, _ = grouped_shape(shape, scheme)
-        out = {CODES: ((packed_nbytes(shape[0] * shape[1], scheme.bits),), torch.uint8)}
+        out: Layout = {CODES: ((packed_nbytes(shape[0] * shape[1], scheme.bits),),
+                               torch.uint8)}
         out.update(get_format(scheme.format).layout(scheme, (r, n_groups)))
         if act_order:
             out[G_IDX] = ((shape[1],), torch.int32)
@@ -118,9 +119,6 @@ class QuantizedTensor:
         stored = {k: v for k, v in tensors.items() if k not in (CODES, G_IDX)}
         return cls(scheme, tuple(shape), tensors[CODES], stored,  # type: ignore[arg-type]
                    tensors.get(G_IDX))
-
-
-Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def validate_layout(tensors: dict[str, torch.Tensor] | Layout, expected: Layout,

@@ -3,10 +3,10 @@
 For a linear ``y = W x`` llama.cpp's ``llama-imatrix`` accumulates, over calibration tokens,
 ``Σ x_j²`` for every input column ``j`` and the token count; ``llama-quantize --imatrix`` then
 weights each column's rounding error by ``Σ x_j² / count`` in the K-quant (and legacy) scale
-searches. :func:`collect` computes the same sums with forward hooks on our transformers model
-(the block linears, under their GGUF names: q, k and v see the same input and each get the
-same entry, as in llama.cpp); :class:`ImportanceMatrix` saves and loads both of llama.cpp's
-file formats, so ``llama-quantize`` reads our files and we read its files:
+searches. :func:`edgequant.exporters.imatrix.collect` computes the same sums with the statistics
+engine (the block linears, under their GGUF names: q, k and v see the same input and each get
+the same entry, as in llama.cpp); :class:`ImportanceMatrix` (numpy only) saves and loads both
+of llama.cpp's file formats, so ``llama-quantize`` reads our files and we read its files:
 
 ================ ===========================================================================
 ``*.gguf``       llama.cpp's current format: tensors ``<name>.in_sum2`` (F32, Σx²) and
@@ -20,7 +20,7 @@ suffix)          ``i32 chunk_count, i32 len, dataset``
 Like ``llama-imatrix`` (without ``--process-output``), only tensors inside blocks get entries.
 
 Example:
-    >>> im = collect(model, eq.data.calibration("wiki", n=64, seq_len=512))
+    >>> im = edgequant.exporters.imatrix.collect(model, eq.data.calibration("wiki", n=64))
     >>> im.save("smollm2.imatrix.gguf")
     >>> weights = ImportanceMatrix.load("smollm2.imatrix.gguf").weights("blk.0.attn_q.weight")
 """
@@ -30,27 +30,18 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import GGUFError
 from ..io_utils import atomic_file
-from ..models.architectures import block_list, spec_for
 
-__all__ = ["ImportanceMatrix", "collect", "llama_cpp_imatrix"]
+__all__ = ["ImportanceMatrix", "llama_cpp_imatrix"]
 
-Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 _GGUF_MAGIC = b"GGUF"
-
-
-def _no_progress(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
-    return items
 
 
 @dataclass
@@ -212,107 +203,6 @@ class ImportanceMatrix:
             if length > 0:
                 datasets.append(data[pos: pos + length].decode(errors="replace"))
         return cls(sums, counts, datasets, chunk_count, 0)
-
-
-# --- collection -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def collect(model: Any, calib: Any = None, progress: Progress = _no_progress,
-            batch_size: int = 4, hessians: bool = False) -> ImportanceMatrix:
-    """Run calibration windows through ``model`` and accumulate Σx² for each block linear.
-
-    Args:
-        model: an edgequant ``Model`` (its tokenizer resolves a calibration spec) or a
-            transformers causal LM with token windows.
-        calib: a ``CalibrationSpec`` (``eq.data.calibration(...)``), a ``Calibration``, a
-            ``(N, T)`` token tensor, or a corpus name; default: ``wiki``, 64 × 512 tokens.
-        progress: ``progress(items, total, what)`` wrapper for a progress bar.
-        batch_size: windows per forward pass.
-        hessians: also accumulate ``Σ x xᵀ`` per distinct linear input (for
-            :func:`~edgequant.gguf.gptq.gptq_encode`).
-
-    Returns:
-        An :class:`ImportanceMatrix` keyed by GGUF tensor names (``blk.N.attn_q.weight``).
-    """
-    from ..data.calibration import Calibration, CalibrationSpec, calibration
-
-    module = getattr(model, "module", model)
-    if calib is None or isinstance(calib, str):
-        calib = calibration(calib or "wiki", n=64, seq_len=512)
-    if isinstance(calib, CalibrationSpec):
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise GGUFError("a calibration spec needs the model's tokenizer: pass a Model")
-        calib = calib.build(tokenizer)
-    desc: dict[str, Any] = {}
-    if isinstance(calib, Calibration):
-        tokens, desc = calib.tokens, calib.description
-    else:
-        tokens = torch.as_tensor(calib)
-    if tokens.dim() != 2 or tokens.numel() == 0:
-        raise GGUFError(f"calibration tokens must be (windows, tokens), got {tuple(tokens.shape)}")
-    names = _gguf_linears(module)
-    sums = {n: torch.zeros(int(m.in_features), dtype=torch.float64)  # type: ignore[arg-type]
-            for n, (m, _) in names.items()}
-    counts = dict.fromkeys(names, 0)
-    full: dict[str, torch.Tensor] = {}
-    owner: dict[str, str] = {}  # linear -> the linear whose Hessian it shares
-    last: list[Any] = [None, ""]  # the previous input tensor (kept alive) and its owner
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(mod: nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[name] += (x * x).sum(0)
-            counts[name] += x.shape[0]
-            if not hessians:
-                return
-            if args[0] is last[0]:  # q/k/v and gate/up are called with the same tensor
-                owner.setdefault(name, last[1])
-                return
-            last[0], last[1] = args[0], owner.setdefault(name, name)
-            if name not in full:
-                full[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            full[name] += x.T @ x
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, (m, _) in names.items()]
-    body = _body(module)
-    try:
-        batches = list(tokens.split(batch_size))
-        for batch in progress(batches, len(batches), "collecting imatrix"):
-            body(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    dataset = str(desc.get("corpus", "tokens")) if desc else "tokens"
-    out_sums = {}
-    for n, s in sums.items():
-        if not torch.isfinite(s).all():
-            raise GGUFError(f"non-finite activations reached {n}; the model overflows on the "
-                            "calibration data")
-        out_sums[n] = s.to(torch.float32).numpy()
-    shared = {n: full[o].numpy() for n, o in owner.items()} if hessians else None
-    last[0] = None
-    return ImportanceMatrix(out_sums, counts, [dataset], int(tokens.shape[0]),
-                            int(tokens.shape[1]), shared)
-
-
-def _gguf_linears(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """GGUF weight name -> (linear module, HF path) for every linear inside the blocks."""
-    spec = spec_for(module)
-    out = {}
-    for i, block in enumerate(block_list(module, spec)):
-        for role in spec.linears:
-            out[spec.gguf_name(role.role, i)] = (block.get_submodule(role.path),
-                                                 f"{spec.blocks}.{i}.{role.path}")
-    return out
-
-
-def _body(module: nn.Module) -> Callable[..., Any]:
-    """The model without its LM head when it has one (no head: no entry is needed from it)."""
-    base = getattr(module, getattr(module, "base_model_prefix", ""), None)
-    return base if isinstance(base, nn.Module) else module
 
 
 # --- llama.cpp ------------------------------------------------------------------------------

@@ -380,7 +380,7 @@ def choose_types(
             counters["ffn_down"] += 1
         elif cat == "attn_output":
             new = _apply(_ATTN_OUTPUT, ftype, site(0, n_layer), base)
-        out[t.name] = _fallback(new, t.row_length)
+        out[t.name] = fallback(new, t.row_length)
     return out
 
 
@@ -434,7 +434,7 @@ def _output_type(t: TensorInfo, base: GGMLQuantizationType, arch: str) -> GGMLQu
     return base if base == QT.Q8_0 else QT.Q6_K
 
 
-def _fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
+def fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
     """``tensor_type_fallback``: a type whose block divides the row, or F16."""
     block = GGML_QUANT_SIZES[qtype][0]
     if row_length % block == 0:

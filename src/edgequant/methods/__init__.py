@@ -1,5 +1,16 @@
-"""Quantization methods: how to choose codes for one layer."""
+"""Quantization methods: transforms that rewrite weights and quantizers that choose codes."""
 
-from .registry import Method, get_method, list_methods, register_method
+from .registry import (
+    Quantizer,
+    Transform,
+    get_quantizer,
+    get_step,
+    get_transform,
+    list_methods,
+    list_quantizers,
+    list_transforms,
+    register,
+)
 
-__all__ = ["Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Quantizer", "Transform", "get_quantizer", "get_step", "get_transform",
+           "list_methods", "list_quantizers", "list_transforms", "register"]

@@ -37,8 +37,7 @@ from ..errors import SchemeError
 from ..formats import QuantScheme
 from ..formats.base import group, ungroup
 from ..observers.stats import AbsMean
-from . import rtn
-from .registry import Method, register_method
+from .registry import Transform, register
 from .scaling import FoldGroup, fake_quantize, fold_groups, fold_scales, observe, tensor_attr
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ def awq_transform(block: nn.Module, ctx: BlockContext) -> None:
         clip_block(block, ctx, cfg)
 
 
-AWQ = register_method(Method(
-    "awq", rtn.quantize_weight, config_cls=AWQConfig, transform=awq_transform,
-    description="activation-aware weight scaling and clip search (AWQ), then round to "
-                "nearest"))
+register(Transform(
+    "awq", awq_transform, AWQConfig,
+    description="activation-aware weight scaling and clip search (AWQ); then round to "
+                "nearest unless a quantizer follows (awq+gptq)"))

@@ -31,7 +31,14 @@ Where we differ, and why:
   (e.g. group 32, block 128); with its defaults (group = block = 128) the two are identical.
 * A ragged last group (576 columns, group 128) gets its parameters from its 64 real columns.
 
-Formats: everything goes through the ``NumberFormat`` interface (``params`` on a group of
+One solver, many formats: :func:`gptq_solve` takes an *encoder* (:mod:`.gptq_encoders`)
+that says how wide a group is and how to round — column by column (native schemes, below), or
+a whole group of columns at once, the group's error ``E`` then fed forward in block form
+``W_R −= E·U_BB⁻¹·U_BR`` (GGML blocks, :mod:`.gptq_ggml`, for ``export(..., gptq=True)``).
+Damping, dead inputs, act-order, lazy batches and the report are shared, so an improvement to
+any of them reaches native artifacts and GGUF files alike.
+
+Native formats: everything goes through the ``NumberFormat`` interface (``params`` on a group of
 columns, ``encode``/``decode`` on one column with that group's parameters), so ``int``
 (2–8 bits, symmetric or asymmetric), ``nf4``/``fp4`` (absmax codebooks), ``fp4_e2m1`` and
 ``fp8`` scales all work, at tensor, channel or group granularity. Double-quantized scales
@@ -50,17 +57,25 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EdgequantError, SchemeError
-from ..formats import NumberFormat, QuantizedTensor, QuantScheme, get_format
-from ..formats.base import group
+from ..formats import QuantizedTensor, QuantScheme
 from ..formats.tensor import check_weight
-from .registry import Method, register_method
+from .gptq_encoders import (
+    MSE_GRID,
+    MSE_MAX_SHRINK,
+    MSE_NORM,
+    ColumnEncoder,
+    Encoder,
+    GroupEncoder,
+    NativeEncoder,
+    ResultT,
+    search_params,
+)
+from .registry import Quantizer, register
 
-Params = dict[str, torch.Tensor]
-
-# the reference's ``mse`` search: shrink factors 1, 0.99, …, 0.21 of the range, norm 2.4
-MSE_GRID = 100
-MSE_MAX_SHRINK = 0.8
-MSE_NORM = 2.4
+__all__ = ["MSE_GRID", "MSE_MAX_SHRINK", "MSE_NORM", "ColumnEncoder", "DampingRaised",
+           "Encoder", "GPTQConfig", "GPTQReport", "GroupEncoder", "HessianError",
+           "NativeEncoder", "gptq_quantize", "gptq_quantize_report", "gptq_solve",
+           "inverse_hessian_factor", "search_params"]
 
 
 class HessianError(EdgequantError):
@@ -166,41 +181,117 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float,
         frac = nxt
 
 
-# --------------------------------------------------------------------------- parameters
-def search_params(fmt: NumberFormat, xg: torch.Tensor, scheme: QuantScheme,
-                  grid: int = MSE_GRID, max_shrink: float = MSE_MAX_SHRINK,
-                  norm: float = MSE_NORM) -> Params:
-    """Per group, the parameters of the shrunk range ``p·x`` (p = 1, 1 − 1/grid, …) that
-    minimize ``Σ|x − x̂|^norm`` — the reference's ``mse`` option, for any format whose
-    parameters scale with the data (range- and absmax-based ones).
+# ----------------------------------------------------------------------------- solver
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, encoder: Encoder[ResultT],
+               config: GPTQConfig | None = None) -> tuple[ResultT, GPTQReport]:
+    """GPTQ with any encoder: the one solver behind native schemes and GGML blocks.
+
+    Shared by every format: dead inputs, damping and the float64 factorization
+    (:func:`inverse_hessian_factor`), act-order, lazy batches and the report. The encoder says
+    how wide a group is and rounds either column by column (:class:`ColumnEncoder`) or a whole
+    group at once (:class:`GroupEncoder`, error fed forward as ``W_R −= E·U_BB⁻¹·U_BR``).
 
     Args:
-        xg: grouped view (R, G, g).
+        W: weight (R, C) = (out_features, in_features), any float dtype; not modified.
+        H: Hessian (C, C) of the layer's inputs, ``(2/n)·Σ XᵀX`` or any positive multiple
+            (a float64 ``H`` is factorized without a detour through float32); not modified.
+        encoder: a fresh encoder for this weight.
+        config: options; default :class:`GPTQConfig()`.
+
     Returns:
-        parameters (R, G, 1) as ``fmt.params`` gives them.
+        ``(encoder.finish(), GPTQReport)``.
+
+    Raises:
+        HessianError: ``H`` cannot be made positive definite within ``config.damp_max``.
+        SchemeError / WeightError: options the encoder refuses, bad shapes, non-finite weights.
     """
-    best: Params = fmt.params(xg, scheme)
-    best_err = _lp_error(fmt, xg, best, scheme, norm)
-    for i in range(1, int(max_shrink * grid)):
-        cand = fmt.params(xg * (1 - i / grid), scheme)
-        err = _lp_error(fmt, xg, cand, scheme, norm)
-        better = err < best_err
-        best = {k: torch.where(better, cand[k], v) for k, v in best.items()}
-        best_err = torch.where(better, err, best_err)
-    return best
+    tick = time.perf_counter()
+    cfg = config or GPTQConfig()
+    encoder.check(cfg)
+    check_weight(W)
+    R, C = W.shape
+    if tuple(H.shape) != (C, C):
+        raise SchemeError(f"Hessian shape {tuple(H.shape)} does not match the weight's "
+                          f"{C} input columns")
+    W = W.detach().to(torch.float32).clone()
+    hdtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    H = H.detach().to(device=W.device, dtype=hdtype).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else None
+    encoder.begin(W, perm)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp = inverse_hessian_factor(H, cfg.damp, cfg.damp_max)
+    del H
+    if damp > cfg.damp:
+        warnings.warn(DampingRaised(f"gptq: Hessian not positive definite with damp "
+                                    f"{cfg.damp:g}; used {damp:g}", cfg.damp, damp),
+                      stacklevel=3)
+    loss = _solve(W, U, encoder, cfg.block_size)
+    report = GPTQReport(cfg.damp, damp, int(dead.sum()), loss, time.perf_counter() - tick)
+    return encoder.finish(), report
 
 
-def _lp_error(fmt: NumberFormat, xg: torch.Tensor, params: Params, scheme: QuantScheme,
-              norm: float) -> torch.Tensor:
-    x_hat = fmt.decode(fmt.encode(xg, params, scheme), params, scheme)
-    return (x_hat - xg).abs().pow(norm).sum(-1, keepdim=True)  # (R, G, 1)
+def _solve(W: torch.Tensor, U: torch.Tensor, encoder: Encoder[ResultT], block_size: int
+           ) -> float:
+    """The GPTQ loop over (permuted) columns in lazy blocks; ``W`` is updated in place.
+    Returns the proxy loss ½·Σ err² (err = E·U_BB⁻¹, one column or one group at a time)."""
+    C = W.shape[1]
+    g = encoder.group_width(C)
+    block = encoder.lazy_block(block_size, C)
+    if isinstance(encoder, GroupEncoder) and block % g:
+        raise SchemeError(f"lazy block {block} is not a whole number of groups of {g}")
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, C, block):
+        i2 = min(i1 + block, C)
+        if isinstance(encoder, ColumnEncoder):
+            Err1 = _round_columns(W, U, encoder, i1, i2, g)
+        else:
+            assert isinstance(encoder, GroupEncoder)
+            Err1 = _round_groups(W, U, encoder, i1, i2, g)
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+        loss += Err1.double().pow(2).sum() / 2
+    return float(loss)
 
 
-def _params(fmt: NumberFormat, xg: torch.Tensor, scheme: QuantScheme, mse_clip: bool) -> Params:
-    return search_params(fmt, xg, scheme) if mse_clip else fmt.params(xg, scheme)
+def _round_columns(W: torch.Tensor, U: torch.Tensor, encoder: ColumnEncoder[ResultT],
+                   i1: int, i2: int, g: int) -> torch.Tensor:
+    """One lazy block, column by column (the paper's loop). Returns Err1 (R, B)."""
+    W1 = W[:, i1:i2].clone()            # (R, B)
+    Err1 = torch.zeros_like(W1)         # (R, B)
+    U1 = U[i1:i2, i1:i2]                # (B, B)
+    for i in range(i2 - i1):
+        j = i1 + i
+        if j % g == 0:  # a group starts: the encoder may pick parameters from updated weights
+            encoder.start_group(W1[:, i:i + g], j)
+        w = W1[:, i]                                                # (R,)
+        q = encoder.round_column(w, j)                              # (R,)
+        err = (w - q) / U1[i, i]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+        Err1[:, i] = err
+    return Err1
 
 
-# ----------------------------------------------------------------------------- driver
+def _round_groups(W: torch.Tensor, U: torch.Tensor, encoder: GroupEncoder[ResultT],
+                  i1: int, i2: int, g: int) -> torch.Tensor:
+    """One lazy block, a group at a time, updating ``W[:, :i2]`` in place: fixing group B
+    with error E = W_B − Q_B moves the later columns by −E·U_BB⁻¹·U_BR (for one column the
+    paper's err/U_jj·U_j,R). Returns Err1 = [E·U_BB⁻¹ …] (R, B)."""
+    Err1 = W.new_zeros(W.shape[0], i2 - i1)                         # (R, B)
+    for j0 in range(i1, i2, g):
+        j1 = min(j0 + g, i2)
+        Q = encoder.round_group(W, j0, j1)                          # (R, g)
+        E = W[:, j0:j1] - Q
+        Err = torch.linalg.solve_triangular(U[j0:j1, j0:j1], E, upper=True, left=False)
+        W[:, j1:i2].addmm_(Err, U[j0:j1, j1:i2], alpha=-1)
+        Err1[:, j0 - i1:j1 - i1] = Err
+    return Err1
+
+
+# ----------------------------------------------------------------------------- native
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme | str,
                   config: GPTQConfig | None = None) -> QuantizedTensor:
     """GPTQ-quantize one weight: :func:`gptq_quantize_report` without the report (a
@@ -211,7 +302,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme | str,
 def gptq_quantize_report(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme | str,
                          config: GPTQConfig | None = None
                          ) -> tuple[QuantizedTensor, GPTQReport]:
-    """GPTQ-quantize a linear layer's weight.
+    """GPTQ-quantize a linear layer's weight to a native scheme.
 
     Args:
         W: weight (R, C) = (out_features, in_features), any float dtype; not modified.
@@ -231,98 +322,9 @@ def gptq_quantize_report(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme |
         >>> qt, rep = gptq_quantize_report(linear.weight, H, "w4g128")   # doctest: +SKIP
         >>> y = x @ qt.dequantize().T
     """
-    tick = time.perf_counter()
     cfg = config or GPTQConfig()
-    scheme = QuantScheme.parse(scheme)
-    check_weight(W)
-    R, C = W.shape
-    if tuple(H.shape) != (C, C):
-        raise SchemeError(f"Hessian shape {tuple(H.shape)} does not match the weight's "
-                          f"{C} input columns")
-    dynamic = scheme.granularity == "group" and not cfg.static_groups
-    if scheme.double_quant and (dynamic or cfg.mse_clip):
-        raise SchemeError("double-quantized scales are computed over the whole tensor: use "
-                          "gptq with static_groups=True and mse_clip=False for this scheme")
-    fmt = get_format(scheme.format)
-
-    W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    fixed = None if dynamic else _params(fmt, group(W, scheme), scheme, cfg.mse_clip)
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order \
-        else torch.arange(C, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, damp = inverse_hessian_factor(H, cfg.damp, cfg.damp_max)
-    del H
-    if damp > cfg.damp:
-        warnings.warn(DampingRaised(f"gptq: Hessian not positive definite with damp "
-                                    f"{cfg.damp:g}; used {damp:g}", cfg.damp, damp),
-                      stacklevel=3)
-
-    codes, params, loss = _quantize_columns(W, U, fmt, scheme, cfg, perm, fixed)
-    invperm = torch.argsort(perm)
-    codes = codes[:, invperm]  # (R, C) in original column order
-    g_idx = None
-    if dynamic and cfg.act_order:  # group of original column perm[j] is j // group_size
-        g_idx = (torch.arange(C, device=W.device) // (scheme.group_size or C))[invperm]
-    qt = QuantizedTensor.from_codes(codes.cpu(), {k: v.cpu() for k, v in params.items()},
-                                    scheme, (R, C), None if g_idx is None else g_idx.cpu())
-    report = GPTQReport(cfg.damp, damp, int(dead.sum()), loss, time.perf_counter() - tick)
-    return qt, report
-
-
-def _quantize_columns(W: torch.Tensor, U: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme,
-                      cfg: GPTQConfig, perm: torch.Tensor, fixed: Params | None
-                      ) -> tuple[torch.Tensor, Params, float]:
-    """The GPTQ loop over (permuted) columns, with lazy batch updates. ``W`` is updated in place.
-
-    Returns codes (R, C) in permuted order, parameters (R', G, 1) and the proxy loss.
-    """
-    R, C = W.shape
-    g = scheme.group_size or C
-    dynamic = fixed is None
-    block = g * max(1, cfg.block_size // g) if dynamic else cfg.block_size
-    codes = torch.empty(R, C, dtype=torch.uint8, device=W.device)
-    groups: list[Params] = []  # dynamic groups, in (permuted) order
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    for i1 in range(0, C, block):
-        i2 = min(i1 + block, C)
-        W1 = W[:, i1:i2].clone()            # (R, B)
-        Err1 = torch.zeros_like(W1)         # (R, B)
-        U1 = U[i1:i2, i1:i2]                # (B, B)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic and j % g == 0:  # a group starts: parameters from updated weights
-                groups.append(_params(fmt, W1[:, i:i + g].unsqueeze(1), scheme, cfg.mse_clip))
-            p = groups[-1] if dynamic else _column_params(fixed, scheme, int(perm[j]), g)
-            w = W1[:, i]                                            # (R,)
-            c = fmt.encode(w.view(R, 1, 1), p, scheme)              # (R, 1, 1)
-            q = fmt.decode(c, p, scheme).view(R)
-            codes[:, j] = c.view(R)
-            d = U1[i, i]
-            err = (w - q) / d
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-        loss += Err1.double().pow(2).sum() / 2
-    if dynamic:
-        params = {k: torch.cat([p[k] for p in groups], dim=1) for k in groups[0]}
-    else:
-        assert fixed is not None
-        params = fixed
-    return codes, params, float(loss)
-
-
-def _column_params(fixed: Params | None, scheme: QuantScheme, col: int, g: int) -> Params:
-    """Parameters for original column ``col`` from up-front (R', G, 1) parameters."""
-    assert fixed is not None
-    if scheme.granularity != "group":
-        return fixed  # (R, 1, 1) or (1, 1, 1): broadcast over the column
-    k = col // g
-    return {name: v[:, k:k + 1] for name, v in fixed.items()}
+    encoder = NativeEncoder(scheme, mse_clip=cfg.mse_clip, static_groups=cfg.static_groups)
+    return gptq_solve(W, H, encoder, cfg)
 
 
 # ----------------------------------------------------------------------------- method
@@ -334,6 +336,6 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch
     return gptq_quantize(w, stats["hessian"], scheme, config)
 
 
-GPTQ = register_method(Method(
-    "gptq", quantize_weight, needs=frozenset({"hessian"}), config_cls=GPTQConfig,
+register(Quantizer(
+    "gptq", quantize_weight, GPTQConfig, needs=frozenset({"hessian"}),
     description="GPTQ: column-by-column rounding with inverse-Hessian error feedback"))

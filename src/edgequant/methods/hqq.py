@@ -49,7 +49,7 @@ from ..formats import QuantizedTensor, QuantScheme, get_format
 from ..formats.base import TORCH_DTYPES, group, round_scale_up, ungroup
 from ..formats.integer import qparams_from_range, round_zero
 from ..formats.tensor import check_weight
-from .registry import Method, register_method
+from .registry import Quantizer, register
 
 Params = dict[str, torch.Tensor]
 
@@ -274,6 +274,6 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch
     return hqq_quantize(w, scheme, config)
 
 
-HQQ = register_method(Method(
-    "hqq", quantize_weight, config_cls=HQQConfig,
+register(Quantizer(
+    "hqq", quantize_weight, HQQConfig,
     description="HQQ: half-quadratic zero-point optimization, no calibration data"))

@@ -27,7 +27,7 @@ from ..errors import SchemeError
 from ..formats import QuantizedTensor, QuantScheme, quantize_tensor
 from ..nn.w8a8 import check_w8a8_scheme
 from ..observers.stats import act_observer
-from .registry import Method, register_method
+from .registry import Quantizer, register
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.Tensor],
@@ -64,12 +64,17 @@ class StaticConfig:
         act_observer(self.observer, self.percentile)  # unknown name / bad percentile: refuse now
 
 
-DYNAMIC = register_method(Method(
-    "dynamic", _dynamic_weight, module="w8a8_linear", aliases=("int8-dynamic",),
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Dynamic int8 takes no options: activation ranges are computed per token."""
+
+
+register(Quantizer(
+    "dynamic", _dynamic_weight, DynamicConfig, module="w8a8_linear", aliases=("int8-dynamic",),
     description="int8 weights per channel, int8 activations per token on the fly (w8a8)"))
 
-STATIC = register_method(Method(
-    "static", _static_weight, needs=frozenset({"act_range"}), config_cls=StaticConfig,
+register(Quantizer(
+    "static", _static_weight, StaticConfig, needs=frozenset({"act_range"}),
     module="w8a8_linear", aliases=("int8-static",),
     description="int8 weights per channel, int8 activations per tensor with calibrated "
                 "ranges (w8a8-static; observer=minmax|percentile|histogram|entropy|mse|…)"))

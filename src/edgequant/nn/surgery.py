@@ -5,14 +5,15 @@ computes exactly what its saved artifact will.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import SchemeError
 from ..formats import QuantScheme
 from ..models.architectures import linear_names
-from .quant_linear import QuantLinear
-from .recipe import KEEP_DTYPES, Recipe
+from ..recipe import KEEP_DTYPES, Recipe
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> dict[str, QuantScheme]:
@@ -35,8 +36,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def untie_if_needed(model: nn.Module, plan: dict[str, QuantScheme]) -> None:
-    """Quantizing a tied lm_head must not quantize the input embeddings with it."""
+def untie_if_needed(model: Any, plan: dict[str, QuantScheme]) -> None:
+    """Quantizing a tied lm_head must not quantize the input embeddings with it (``model``:
+    a transformers causal LM)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if out is None or inp is None or out.weight is not inp.weight:
@@ -67,6 +69,3 @@ def round_kept_tensors(model: nn.Module, keep_dtype: str, skip: set[str] | None 
                                   f"use keep_dtype bfloat16 or float32")
             p.copy_(p.to(dt).to(p.dtype))
 
-
-def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

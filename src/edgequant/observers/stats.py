@@ -9,6 +9,7 @@ and never holds more than its own summary (an ``(in, in)`` Hessian at most).
 | ``act_absmean`` | mean |x| per input channel, (in,)      | AWQ                |
 | ``act_absmax``  | max |x| per input channel, (in,)       | SmoothQuant        |
 | ``act_range``   | per-tensor max |x| chosen by an observer, (1,) | static int8  |
+| ``act_sumsq``   | Σ x² per input channel, float64, (in,)  | importance matrix  |
 
 Accumulators are built with the method's config; ``act_range`` reads its ``observer`` field
 (:data:`ACT_OBSERVERS`), so a static range can be min-max (the default), a percentile, the
@@ -100,6 +101,23 @@ class AbsMax(Statistic):
         return self.max
 
 
+class SumSquares(Statistic):
+    """llama.cpp's importance matrix entry: Σ x_j² over tokens (``n`` is the count)."""
+
+    name = "act_sumsq"
+
+    def __init__(self, in_features: int, config: Any = None) -> None:
+        super().__init__(in_features)
+        self.total = torch.zeros(in_features, dtype=torch.float64)
+
+    def _update(self, x: torch.Tensor) -> None:
+        x64 = x.to(torch.float64)
+        self.total += (x64 * x64).sum(0)
+
+    def result(self) -> torch.Tensor:
+        return self.total
+
+
 #: observer name -> a per-tensor, symmetric observer of activations (``percentile`` from config)
 ACT_OBSERVERS: dict[str, Callable[[float], Observer]] = {
     "minmax": lambda p: MinMaxObserver(),
@@ -135,7 +153,7 @@ class ActRange(Statistic):
 
 
 STATISTICS: dict[str, type[Statistic]] = {c.name: c for c in (Hessian, AbsMean, AbsMax,
-                                                                 ActRange)}
+                                                                 ActRange, SumSquares)}
 
 
 def make_statistics(needs: frozenset[str] | set[str], in_features: int,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..compare.store import ResultRow
+from ..comparison.store import ResultRow
 
 _MARKERS = {"baseline": "*", "native": "o", "gguf": "s", "peer": "^"}
 _DPI = 110

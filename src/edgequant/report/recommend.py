@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..compare.store import ResultRow
+from ..comparison.store import ResultRow
 
 TOLERANCE = 0.01
 

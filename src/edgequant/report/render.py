@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compare.matrix import Settings, eval_hash
-from ..compare.store import ErrorRow, ResultRow, Store, StoreError
+from ..comparison.matrix import Settings, eval_hash
+from ..comparison.store import ErrorRow, ResultRow, Store, StoreError
 from ..io_utils import atomic_file
 from . import plots
 from .recommend import Pairing, Pick, default_budgets, equal_memory, recommendations
@@ -166,7 +166,7 @@ def _figures(store: Store, rows: list[ResultRow], out: Path) -> list[Figure]:
 
 
 def _slug(s: str) -> str:
-    from ..compare.runner import slug
+    from ..comparison.runner import slug
 
     return slug(s)
 
@@ -411,13 +411,20 @@ figcaption{font-size:.85rem;color:#555}.err{color:#a00}
 
 
 def _t(headers: list[str], body: list[list[str]], numeric: list[bool] | None = None,
-       table_id: str = "") -> str:
+       table_id: str = "", markup: frozenset[int] = frozenset()) -> str:
+    """An HTML table; cells in the ``markup`` columns are Markdown-inline (cell names in
+    backticks), the rest plain text."""
     numeric = numeric or [False] * len(headers)
     ident = f' id="{table_id}"' if table_id else ""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    rows = "".join("<tr>" + "".join(
-        f'<td class="num">{html.escape(c)}</td>' if n else f"<td>{html.escape(c)}</td>"
-        for c, n in zip(row, numeric, strict=True)) + "</tr>" for row in body)
+
+    def cell(i: int, c: str, num: bool) -> str:
+        text = _md_inline(c) if i in markup else html.escape(c)
+        return f'<td class="num">{text}</td>' if num else f"<td>{text}</td>"
+
+    rows = "".join("<tr>" + "".join(cell(i, c, n) for i, (c, n) in
+                                    enumerate(zip(row, numeric, strict=True))) + "</tr>"
+                   for row in body)
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -426,7 +433,7 @@ def to_html(data: ReportData) -> str:
     models = ", ".join(dict.fromkeys(r.model for r in data.rows)) or "no results"
     parts = [f"<h1>edgequant compare — {e(models)}</h1>",
              f"<p><em>Generated {e(_now())} from <code>results.db</code>.</em></p>",
-             "<h2>Setup</h2><ul>" + "".join(f"<li>{e(s[2:])}</li>" for s in
+             "<h2>Setup</h2><ul>" + "".join(f"<li>{_md_inline(s[2:])}</li>" for s in
                                           _settings_lines(data)) + "</ul>", "<h2>Results</h2>"]
     if data.rows:
         kernels = data.kernel_cells()
@@ -450,12 +457,14 @@ def to_html(data: ReportData) -> str:
         parts.append(_t(["cell", "model", "method", "tool", "step", "error"],
                         _error_rows(data.incomplete), table_id="incomplete"))
     parts.append("<h2>Recommendations</h2><ul>" + "".join(
-        f"<li><strong>{e(p.model)} — {e(p.constraint)}:</strong> {e(_row_name(p.row))} — "
+        f"<li><strong>{e(p.model)} — {e(p.constraint)}:</strong> {_md_inline(_row_name(p.row))} — "
         f"{e(p.why)}</li>" for p in data.picks) + "</ul>")
     if data.pairings:
         parts.append("<h2>Models at equal memory</h2>")
         parts.append(f"<p>{e(_pairing_intro(data))}</p>")
-        parts.append(_t(*_pairing_table(data), table_id="equal-memory"))
+        headers, body = _pairing_table(data)
+        parts.append(_t(headers, body, table_id="equal-memory",
+                        markup=frozenset(range(1, len(headers)))))
     parts.append("<h2>Plots</h2>")
     for f in data.figures:
         parts.append(f'<figure><h3>{e(f.title)}</h3><img src="{e(f.path)}" '
@@ -466,7 +475,7 @@ def to_html(data: ReportData) -> str:
             parts.append(f"<h4>{e(prompt)}</h4>")
             multi = len({r.model for r, _ in outs}) > 1
             parts.append(_t(["cell", "output"], [[_row_name(r, multi), o.strip()]
-                                                 for r, o in outs]))
+                                                 for r, o in outs], markup=frozenset({0})))
     parts.append("<h2>Caveats</h2><ul>" + "".join(f"<li>{_md_inline(c)}</li>"
                                                   for c in data.caveats) + "</ul>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -477,7 +486,7 @@ def to_html(data: ReportData) -> str:
 
 
 def _md_inline(text: str) -> str:
-    """``code`` and **bold** of a caveat line, HTML-escaped."""
+    """A Markdown-inline line (the report's text: ``code`` and **bold**) as HTML, escaped."""
     t = html.escape(text)
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..compare.store import ResultRow
+from ..comparison.store import ResultRow
 
 MISSING = "–"
 

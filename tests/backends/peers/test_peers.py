@@ -127,7 +127,7 @@ def test_make_open_logits_and_size(name, made, reference_logits):
         assert r.reopen_spec(path) == str(path)
         batch = r.logits_batch([IDS[:10], IDS])
         assert torch.allclose(batch[1], logits, atol=1e-4, rtol=1e-4)
-        assert len(r.generate(IDS[:8], 4, stop_at_eos=False)) == 4
+        assert len(r.generate(IDS[:8], max_tokens=4, ignore_eos=True).token_ids) == 4
 
 
 _CHILD = """

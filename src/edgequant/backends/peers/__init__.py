@@ -18,9 +18,9 @@ An artifact is a folder::
       ...                      the tool's own files (safetensors + config, or a .gguf)
       tokenizer files
 
-Importing this package registers the ``peer`` backend (``open_runnable(OUT, backend="peer")``),
-which recognises an artifact by its marker; ``open_runnable(OUT)`` picks it by default only
-where ``peer`` is checked before ``torch`` (which accepts every source) — see base.py.
+The ``peer`` backend (``open_runnable(OUT)``, or ``backend="peer"``) is registered in
+:mod:`edgequant.backends.base`, which recognises an artifact by its marker and imports this
+package only to open one: no peer library is imported until a peer is used.
 
 Every name maps to a frozen :class:`PeerMethod`; the table below is data, one adapter module
 per tool implements ``make``/``open`` (``bnb``, ``llamacpp_quant``, ``llmcompressor``,
@@ -41,7 +41,8 @@ from types import MappingProxyType
 from typing import Any
 
 from ...errors import EdgequantError, ModelLoadError
-from ..base import Runnable, register_backend
+from ...versions import installed_versions, version_of
+from ..base import Runnable
 from ._common import (
     EXTRA,
     INSTALL_HINT,
@@ -50,11 +51,9 @@ from ._common import (
     PeerUnavailableError,
     calibration_tokens,
     copy_tokenizer,
-    library_versions,
     read_record,
     require,
     source_folder,
-    version_of,
     write_record,
 )
 
@@ -144,7 +143,7 @@ class PeerMethod:
                 "method": self.name, "tool": self.tool, "tool_version": version_of(self.tool),
                 "scheme_label": self.scheme_label, "options": opts, "source": src.identity,
                 "calibration": calib_desc, "make_s": round(make_s, 3),
-                "versions": library_versions(self.tool), **result})
+                "versions": installed_versions(self.tool), **result})
         return out
 
     def open(self, artifact: str | os.PathLike[str], **options: Any) -> Runnable:
@@ -245,9 +244,6 @@ def open_peer(source: Any, threads: int | None = None, **options: Any) -> Runnab
     except Exception as e:
         raise PeerError(method._tool_error("opening", e)) from e
     return runnable
-
-
-register_backend("peer", is_peer_artifact, "edgequant.backends.peers:open_peer")
 
 
 # --- the table ----------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib
-import importlib.metadata as md
 import json
 import os
 import shutil
-import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import DataError, EdgequantError, ModelLoadError
+from ...sizes import FLOAT_DTYPES, safetensors_table, size_record
 
 if TYPE_CHECKING:
     import torch
@@ -43,20 +43,19 @@ class PeerUnavailableError(PeerError, ImportError):
 
 
 def require(module: str, dist: str | None = None) -> Any:
-    """Import ``module`` (a peer's library) or raise :class:`PeerUnavailableError`."""
+    """Import ``module`` (a peer's library) or raise :class:`PeerUnavailableError`.
+
+    What the library prints while it is first imported goes to stderr, and so do the log
+    sinks it sets up then (llmcompressor adds a loguru sink on ``sys.stdout`` at import):
+    stdout is the caller's, for results such as ``edgequant eval --json``.
+    """
     try:
-        return importlib.import_module(module)
+        with contextlib.redirect_stdout(sys.stderr):
+            return importlib.import_module(module)
     except ImportError as e:  # also catches a monkeypatched None in sys.modules
         raise PeerUnavailableError(
             f"{dist or module} is not importable ({e}); install the peer tools with "
             f"`{INSTALL_HINT}`") from None
-
-
-def version_of(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
 # --- the source ------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ def _folder_num_params(folder: Path) -> int:
     total = 0
     for f in sorted(folder.glob("*.safetensors")):
         for _, (dtype, shape, _) in safetensors_table(f).items():
-            if dtype in _FLOAT_ST:
+            if dtype in FLOAT_DTYPES:
                 n = 1
                 for d in shape:
                     n *= d
@@ -226,15 +225,6 @@ def read_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return record
 
 
-def library_versions(*dists: str) -> dict[str, str]:
-    out = {}
-    for d in ("edgequant", "torch", "transformers", *dists):
-        v = version_of(d)
-        if v is not None:
-            out[d] = v
-    return out
-
-
 # --- loading without the source weights --------------------------------------------------------
 
 
@@ -279,25 +269,6 @@ def save_dense_safetensors(state: dict[str, torch.Tensor], path: Path,
 
 # --- size accounting -------------------------------------------------------------------------
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_FLOAT_ST = {"F64", "F32", "F16", "BF16"}
-
-
-def safetensors_table(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """``name -> (dtype, shape, nbytes)`` from a safetensors header (no data read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = (info["dtype"], tuple(info["shape"]), end - start)
-    return out
-
-
 def stored_size_info(folder: Path, layers: dict[str, int], data_suffixes: tuple[str, ...],
                      num_params: int, inline_data_bytes: int = 0) -> dict[str, Any]:
     """Size accounting from the artifact's safetensors headers.
@@ -331,19 +302,11 @@ def stored_size_info(folder: Path, layers: dict[str, int], data_suffixes: tuple[
     moved = min(meta, inline_data_bytes * len(layers))
     data, meta = data + moved, meta - moved
     q_params = sum(layers.values())
-    all_bytes = sum(b for _, _, b in table.values())
-    size = sum(f.stat().st_size for f in files)
-    return {
-        "size_bytes": size,
-        "size_on_disk": True,
-        "num_params": num_params,
-        "quantized_params": q_params,
-        "quantized_layers": len(layers),
-        "bits_per_weight": 8 * data / q_params if q_params else None,
-        "bits_per_weight_total": 8 * all_bytes / num_params if num_params else None,
-        "weight_bytes": all_bytes,
-        "metadata_bytes": meta,
-    }
+    return size_record(num_params=num_params, weight_bytes=sum(b for _, _, b in table.values()),
+                       linear_params=q_params, linear_bytes=data,
+                       size_bytes=sum(f.stat().st_size for f in files), on_disk=True,
+                       quantized_params=q_params, quantized_layers=len(layers),
+                       metadata_bytes=meta)
 
 
 def _split_layer(name: str, layers: dict[str, int]) -> tuple[str | None, str, str]:

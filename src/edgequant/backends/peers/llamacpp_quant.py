@@ -2,7 +2,7 @@
 
 Steps of ``make``:
 
-1. an F32 GGUF of the source: ``edgequant.gguf.export.export(folder, path, "F32")`` when that
+1. an F32 GGUF of the source: ``edgequant.exporters.gguf.export(folder, path, "F32")`` when that
    module exists, otherwise llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python
    sdist of the installed version (fetched once with ``pip download --no-deps`` into
    ``<cache>/llama-cpp-src/``; ``$EDGEQUANT_LLAMA_CPP_SRC`` may point at a llama.cpp checkout);
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...cache import cache_root, pip_download
 from ...errors import ModelLoadError
 from ..llamacpp import LlamaCppRunnable
 from ._common import PeerError, Source
@@ -51,12 +52,12 @@ def f32_gguf(src: Source, path: Path) -> str:
     """Write the source as an F32 GGUF at ``path``; returns which converter did it."""
     export: Any
     try:
-        from ...gguf.export import export
+        from ...exporters.gguf import export
     except ImportError:  # the exporter is optional: llama.cpp's converter does the same job
         export = None
     if export is not None:
         export(str(src.folder), str(path), "F32")
-        return "edgequant.gguf.export"
+        return "edgequant.exporters.gguf"
     script = convert_script()
     res = subprocess.run([sys.executable, str(script), str(src.folder), "--outfile", str(path),
                           "--outtype", "f32"], capture_output=True, text=True, check=False)
@@ -81,23 +82,24 @@ def convert_script() -> Path:
         if not script.is_file():
             raise ModelLoadError(f"$EDGEQUANT_LLAMA_CPP_SRC={env} has no convert_hf_to_gguf.py")
         return script
-    from ...models.zoo import cache_root
-
     version = _llama_version()
     root = cache_root() / "llama-cpp-src" / version
     script = root / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
     with tempfile.TemporaryDirectory(prefix="edgequant-llsrc-") as tmp:
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                              "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp],
-                             capture_output=True, text=True, check=False)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if res.returncode != 0 or not sdists:
-            tail = " | ".join(res.stderr.strip().splitlines()[-2:])
-            raise PeerError(f"cannot fetch the llama-cpp-python {version} sdist for "
-                            f"convert_hf_to_gguf.py ({tail}); set EDGEQUANT_LLAMA_CPP_SRC to a "
-                            "llama.cpp checkout")
+        try:
+            got = pip_download(f"llama-cpp-python=={version}", Path(tmp), sdist=True,
+                               error=PeerError)
+        except PeerError as e:
+            raise PeerError(f"{e}; it is needed for convert_hf_to_gguf.py, or set "
+                            "EDGEQUANT_LLAMA_CPP_SRC to a llama.cpp checkout") from None
+        sdists = [p for p in got if p.name.startswith("llama_cpp_python-")
+                  and p.name.endswith(".tar.gz")]
+        if not sdists:
+            raise PeerError(f"pip gave no llama-cpp-python {version} sdist "
+                            f"({', '.join(p.name for p in got)}); set EDGEQUANT_LLAMA_CPP_SRC "
+                            "to a llama.cpp checkout")
         _extract_converter(sdists[0], root)
     return script
 

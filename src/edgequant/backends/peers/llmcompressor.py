@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import Source, load_tokenizer, safetensors_table
+from ...sizes import safetensors_table
+from ._common import Source, load_tokenizer
 from .runnable import PeerTorchRunnable, torch_runnable
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,9 @@ class NoGradPeerRunnable(PeerTorchRunnable):
             return TorchRunnable.logits_shared.__wrapped__(  # type: ignore[attr-defined]
                 self, trees, last)
 
-    def _prefill(self, ids: Sequence[int]) -> int:
-        with torch.no_grad():
-            return TorchRunnable._prefill.__wrapped__(self, ids)  # type: ignore[attr-defined]
-
-    def _step(self, token: int) -> int:
-        with torch.no_grad():
-            return TorchRunnable._step.__wrapped__(self, token)  # type: ignore[attr-defined]
+    def _compute(self) -> AbstractContextManager[Any]:
+        """Generation's forward passes (the engine's) under ``no_grad`` too."""
+        return torch.no_grad()
 
 
 def torch_runnable(path: Path, record: dict[str, Any], module: Any,
