@@ -68,6 +68,12 @@ def test_describe_answers_without_prepacking():
         == {"reference"}
     fp32 = describe(model, torch.float32)
     assert fp32[0]["reason"] == "int4_cpu: multiplies bfloat16 activations, not float32"
+    # from manifest records alone (what `edgequant info` reads)
+    records = {str(i): {"scheme": m.scheme.to_dict(), "shape": [m.out_features, m.in_features],
+                        "act_order": False} for i, m in enumerate(model)}
+    assert describe(records, "bfloat16") == rows
+    assert describe({"x": {"scheme": "w4g64", "shape": [128, 256]}}, "bfloat16")[0]["kernel"] \
+        == "int4_cpu"
 
 
 def test_policy_reference_keeps_every_layer_as_it_was():

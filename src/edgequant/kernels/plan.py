@@ -12,13 +12,14 @@ same question for a model without prepacking anything (``edgequant info``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..formats import QuantScheme
 from .registry import (
     KernelError,
     LayerSpec,
@@ -131,19 +132,37 @@ def kernel_plan(module: Any) -> KernelPlan:
     return KernelPlan(tuple(_entry(n, m) for n, m in _layers(module)))
 
 
-def describe(module: Any, act_dtype: torch.dtype | str, device: str | torch.device = "cpu",
+def describe(source: Any, act_dtype: torch.dtype | str, device: str | torch.device = "cpu",
              policy: str = "auto") -> list[dict[str, Any]]:
     """The kernel each quantized layer would run on, and why not a preferred one, without
-    prepacking anything: ``[{layer, scheme, shape, key, kernel, reason}]``."""
+    prepacking (or even building) anything: ``[{layer, scheme, shape, key, kernel, reason}]``.
+
+    ``source``: a model (``nn.Module`` or ``Model``), or an artifact manifest's ``layers``
+    mapping (layer name → record with ``scheme`` (a dict or a name), ``shape`` and
+    optionally ``act_order``), so ``edgequant info`` can answer from the manifest alone.
+    """
     check_policy(policy)
     dt = _dtype(act_dtype)
+    dev = torch.device(device).type
+    if isinstance(source, Mapping):
+        specs = [(name, _record_spec(rec, dt, dev)) for name, rec in source.items()]
+    else:
+        specs = [(name, layer.spec_for(dt, _device(layer, device)))
+                 for name, layer in _layers(source)]
     out = []
-    for name, layer in _layers(module):
-        spec: LayerSpec = layer.spec_for(dt, _device(layer, device))
+    for name, spec in specs:
         sel = select_kernel(spec, policy)
         out.append({"layer": name, "scheme": spec.scheme.name, "shape": list(spec.shape),
                     "key": str(spec.key), "kernel": sel.kernel.name, "reason": sel.reason})
     return out
+
+
+def _record_spec(rec: Mapping[str, Any], act_dtype: torch.dtype, device: str) -> LayerSpec:
+    scheme = rec["scheme"]
+    scheme = QuantScheme.from_dict(dict(scheme)) if isinstance(scheme, Mapping) \
+        else QuantScheme.parse(scheme)
+    n, k = rec["shape"]
+    return LayerSpec(scheme, (int(n), int(k)), act_dtype, device, bool(rec.get("act_order")))
 
 
 def kernel_summaries() -> dict[str, str]:
