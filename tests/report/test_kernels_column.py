@@ -7,8 +7,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from edgequant.compare.matrix import Settings
-from edgequant.compare.store import ResultRow
+from edgequant.comparison.matrix import Settings
+from edgequant.comparison.store import ResultRow
 from edgequant.report import render_report
 from edgequant.report.render import caveats
 from edgequant.report.tables import KERNELS_HEADER, kernel_text, parse_markdown_table
