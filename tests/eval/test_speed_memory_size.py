@@ -113,9 +113,15 @@ def test_speed_runs_in_the_deployment_dtype(tmp_path):
 
     art = eq.quantize(tiny_model(), "rtn", scheme="w4g32").save(tmp_path / "art")
     with eq.open(str(art)) as exact, eq.open(str(art), dtype="bfloat16") as fast:
-        assert exact.runtime == {"dtype": "float32", "device": "cpu", "int4_kernel_layers": 0}
+        assert {k: exact.runtime[k] for k in ("dtype", "device", "kernels",
+                                              "kernel_fallbacks")} == {
+            "dtype": "float32", "device": "cpu", "kernels": {"reference": 14},
+            "kernel_fallbacks": {"int4_cpu: multiplies bfloat16 activations, not float32": 14}}
         # q, o, gate, up, down of 2 blocks; k/v have 32 rows, under the kernel's 64-row block
-        assert fast.runtime["dtype"] == "bfloat16" and fast.runtime["int4_kernel_layers"] == 10
+        assert fast.runtime["dtype"] == "bfloat16"
+        assert fast.runtime["kernels"] == {"int4_cpu": 10, "reference": 4}
+        assert fast.runtime["kernel_fallbacks"] == {
+            "int4_cpu: 32 output rows are not a multiple of 64": 4}
         ids = exact.tokenize("Some plain English text")
         want = exact.logits(ids)
         assert (fast.logits(ids) - want).norm() / want.norm() < 3e-2
@@ -125,6 +131,6 @@ def test_speed_runs_in_the_deployment_dtype(tmp_path):
     assert res.speed["runtime"]["dtype"] == ("bfloat16" if native_bf16() else "float32")
     res = eq.evaluate(str(art), ["speed"], prompt_tokens=16, new_tokens=4, speed_runs=1,
                       warmup=0, threads=1, speed_dtype="float32")
-    assert res.speed["runtime"]["int4_kernel_layers"] == 0
+    assert res.speed["runtime"]["kernels"] == {"reference": 14}
     with pytest.raises(EvaluationError, match="speed_dtype must be one of"):
         eq.evaluate(str(art), ["speed"], speed_dtype="fp16")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgequant.formats import quantize_tensor
+from edgequant.formats import QuantizedTensor, quantize_tensor
 from edgequant.nn.quant_linear import QuantLinear
 
 
@@ -33,8 +33,8 @@ def test_cached_weights_give_identical_outputs_and_are_dropped_on_exit(monkeypat
     x = torch.randn(5, 64)
     want = model(x)
     calls = []
-    original = QuantLinear.dequantized_weight
-    monkeypatch.setattr(QuantLinear, "dequantized_weight",
+    original = QuantizedTensor.dequantize
+    monkeypatch.setattr(QuantizedTensor, "dequantize",
                         lambda self, dtype=torch.float32: calls.append(dtype) or
                         original(self, dtype))
     with dequantized_weights_cached(model):
@@ -45,3 +45,20 @@ def test_cached_weights_give_identical_outputs_and_are_dropped_on_exit(monkeypat
     assert all(m._cache is None for m in model)
     model(x)
     assert len(calls) == 6  # outside: dequantized on every forward again
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_forward_follows_tensors_replaced_after_a_call(assign):
+    """The layer keeps its kernel's view of its tensors between calls; loading others (in
+    place, or by assignment as artifacts load) or casting must not leave it stale."""
+    torch.manual_seed(0)
+    a = QuantLinear(quantize_tensor(torch.randn(16, 64), "w4g32"), torch.randn(16))
+    b = QuantLinear(quantize_tensor(torch.randn(16, 64), "w4g32"), torch.randn(16))
+    x = torch.randn(3, 64)
+    a(x)
+    a.load_state_dict(b.state_dict(), assign=assign)
+    assert torch.equal(a(x), b(x))
+    a.half()  # scales and bias become float16 buffers: a new view
+    assert a.scales.dtype == torch.float16 and a(x.half()).dtype == torch.float16
+    b.qweight = torch.zeros_like(b.qweight)
+    assert torch.equal(b(x), F.linear(x, b.quantized().dequantize(), b.bias))

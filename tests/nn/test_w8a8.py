@@ -1,11 +1,14 @@
 """W8A8Linear: integer matmul that equals its float reference, and survives save/load."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from edgequant.errors import DataError, SchemeError
 from edgequant.formats import QuantScheme, quantize_tensor
+from edgequant.kernels import use_kernels
 from edgequant.nn.modules import module_class
 from edgequant.nn.quant_linear import QuantLinear
 from edgequant.nn.w8a8 import (
@@ -63,7 +66,10 @@ def test_forward_matches_float_reference(scheme, bias):
     y = layer(x)
     assert y.shape == (2, 9, 40)
     torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
-    assert torch.equal(layer(x, use_int_mm=True), layer(x, use_int_mm=False))
+    fast = copy.deepcopy(layer)
+    plan = use_kernels(fast, torch.float32, "cpu", policy="w8a8_int_mm")
+    assert plan.counts() == {"w8a8_int_mm": 1} and layer.kernel.name == "reference"
+    assert torch.equal(fast(x), y)  # torch._int_mm: the same int32 accumulator
     # and it approximates the float layer
     rel = (y - F.linear(x, w, b)).norm() / F.linear(x, w, b).norm()
     assert rel < {"w4a8": 0.2}.get(scheme, 0.03)

@@ -43,12 +43,13 @@ class TorchRunnable(TorchEngine, RunnableBase):
 
     @property
     def runtime(self) -> dict[str, Any]:
-        """How it computes (recorded with speed results)."""
-        from ..nn.int4_cpu import Int4CpuLinear
+        """How it computes (recorded with speed results): dtype, device, the kernels its
+        quantized layers run on (layers per kernel) and why any fell back (layers per
+        reason; see :func:`edgequant.kernels.use_kernels`)."""
+        from ..kernels import kernel_plan
 
         return {"dtype": dtype_name(self.dtype), "device": self.device.type,
-                "int4_kernel_layers": sum(isinstance(m, Int4CpuLinear)
-                                          for m in self.module.modules())}
+                **kernel_plan(self.module).summary()}
 
     # --- tokens ---------------------------------------------------------------------------
 
@@ -248,20 +249,32 @@ def _local_path(spec: str | None) -> Path | None:
 
 
 def open_torch(source: Any, device: str | None = None, threads: int | None = None,
-               dtype: str | None = None, **options: Any) -> TorchRunnable:
+               dtype: str | None = None, kernels: str | None = None,
+               **options: Any) -> TorchRunnable:
     """Open ``source`` (a ``Model`` or anything ``eq.load`` takes) as a TorchRunnable.
 
     A model opened here (not a given ``Model``) goes to CUDA when present, unless
     ``device`` says otherwise. ``threads`` sets torch's intra-op threads for this process
     (``torch.set_num_threads``) — asked for explicitly, never by default. ``dtype``
     (``float32`` by default, ``bfloat16``, or ``auto``: see :mod:`edgequant.compute`) is
-    the dtype it computes in; in bfloat16 on CPU, 4-bit layers run on torch's fused int4
-    kernel (:mod:`edgequant.nn.int4_cpu`), so the model is for inference only.
+    the dtype it computes in. ``kernels`` picks the kernel of every quantized layer
+    (:func:`edgequant.kernels.use_kernels`): ``auto`` (the default for a model opened here:
+    the best registered kernel for that dtype and device — in bfloat16 on CPU, 4-bit layers
+    on torch's fused int4 kernel, which makes the model inference-only), ``reference``
+    (dequantize-then-matmul) or a kernel's name. A given ``Model`` keeps its layers'
+    kernels unless ``kernels`` is passed. The choice is recorded in :attr:`runtime`.
     """
+    from ..kernels import check_policy, use_kernels
+
+    if kernels is not None:
+        check_policy(kernels)
     if threads is not None:
         torch.set_num_threads(threads)
     if isinstance(source, Model):
-        return TorchRunnable(source, **options)
+        runnable = TorchRunnable(source, **options)
+        if kernels is not None:
+            use_kernels(source.module, runnable.dtype, None, kernels)
+        return runnable
     from .. import load
 
     dt = resolve_compute_dtype(dtype or "float32", ModelLoadError, "the torch backend's dtype")
@@ -269,10 +282,7 @@ def open_torch(source: Any, device: str | None = None, threads: int | None = Non
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev != "cpu":
         model.module.to(dev)  # pragma: no cover - GPU only
-    elif dt == torch.bfloat16:
-        from ..nn.int4_cpu import prepare_for_inference
-
-        prepare_for_inference(model.module)
+    use_kernels(model.module, dt, dev, kernels or "auto")
     spec = str(Path(source).expanduser().resolve()) if isinstance(source, os.PathLike) or (
         isinstance(source, str) and Path(source).expanduser().exists()) else str(source)
     return TorchRunnable(model, reopen=spec, **options)

@@ -19,7 +19,7 @@ from ..comparison.store import ErrorRow, ResultRow, Store, StoreError
 from ..io_utils import atomic_file
 from . import plots
 from .recommend import Pairing, Pick, default_budgets, equal_memory, recommendations
-from .tables import main_table, markdown, numeric_columns, sort_rows
+from .tables import KERNELS_HEADER, kernel_text, main_table, markdown, numeric_columns, sort_rows
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -51,6 +51,12 @@ class ReportData:
     budgets: list[float] = field(default_factory=list)
     generations: dict[str, list[tuple[ResultRow, str]]] = field(default_factory=dict)
     caveats: list[str] = field(default_factory=list)
+    runtimes: dict[int, dict[str, Any]] = field(default_factory=dict)  # result id → speed's
+
+    def kernel_cells(self) -> dict[int, str]:
+        """Result id → the kernels its speed run recorded (empty when none did)."""
+        cells = {rid: kernel_text(rt) for rid, rt in self.runtimes.items()}
+        return cells if any(c != kernel_text(None) for c in cells.values()) else {}
 
 
 def render_report(out_dir: str | Path) -> Path:
@@ -92,8 +98,22 @@ def collect(store: Store, out: Path) -> ReportData:
             data.generations.setdefault(g["prompt"], []).append((r, g["output"] or ""))
     loads = [(r.get("host") or {}) for r in used]
     busiest = max(loads, key=lambda h: (h.get("loadavg") or [0.0])[0])
-    data.caveats = caveats(rows, settings, busiest)
+    data.runtimes = _runtimes(store, rows)
+    data.caveats = caveats(rows, settings, busiest, data.runtimes)
     return data
+
+
+def _runtimes(store: Store, rows: list[ResultRow]) -> dict[int, dict[str, Any]]:
+    """The ``runtime`` each row's speed run recorded (dtype, device, kernels), if any."""
+    import json
+
+    out = {}
+    for r in rows:
+        got = store.db.execute("SELECT eval FROM results WHERE id=?", (r.result_id,)).fetchone()
+        speed = (json.loads(got[0]) if got and got[0] else {}).get("speed") or {}
+        if isinstance(speed.get("runtime"), dict):
+            out[r.result_id] = speed["runtime"]
+    return out
 
 
 def _cell_models(store: Store, eh: str) -> list[str]:
@@ -154,8 +174,8 @@ def _slug(s: str) -> str:
 # --- caveats ------------------------------------------------------------------------------------
 
 
-def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = None
-            ) -> list[str]:
+def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = None,
+            runtimes: dict[int, dict[str, Any]] | None = None) -> list[str]:
     from ..models import zoo
 
     out = []
@@ -193,9 +213,7 @@ def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = No
                "test: a torch process carries torch itself (hundreds of MB), a GGUF file runs "
                "in a process with llama.cpp and numpy only.")
     if any(r.kind == "native" for r in rows):
-        out.append("Our native artifacts run through `QuantLinear`, which dequantizes each "
-                   "weight on every forward pass (exact, no fused low-bit kernels): their "
-                   "speed is that of a reference implementation, not of a deployment kernel.")
+        out.append(_kernel_caveat([r for r in rows if r.kind == "native"], runtimes or {}))
     if any(r.kind == "native" and r.method in ("awq", "smoothquant") for r in rows):
         out.append("Per-layer errors of AWQ/SmoothQuant artifacts are measured after fitting "
                    "the per-channel scales those methods fold into the weights "
@@ -204,6 +222,38 @@ def caveats(rows: list[ResultRow], s: Settings, host: dict[str, Any] | None = No
                f"tokens ({s.ctx}-token windows of `{s.corpus}`), with the base's top-{s.kld_topk} "
                "tokens kept per position: a tight lower bound of the exact KLD.")
     return out
+
+
+def _kernel_caveat(native: list[ResultRow], runtimes: dict[int, dict[str, Any]]) -> str:
+    """What each kernel that ran our native rows' speed tests computes, and why layers fell
+    back to the reference kernel — from what the runs recorded."""
+    summaries: dict[str, str] = {}
+    fallbacks: dict[str, list[int]] = {}
+    for r in native:
+        rt = runtimes.get(r.result_id) or {}
+        summaries.update(rt.get("kernel_summaries") or {})
+        for why, n in (rt.get("kernel_fallbacks") or {}).items():
+            fallbacks.setdefault(why, []).append(n)
+    if not summaries:
+        return ("Our native artifacts' speed runs recorded no kernel choice (made before the "
+                "kernel registry): 4-bit layers ran on torch's fused int4 kernel in bfloat16, "
+                "every other quantized layer dequantized its weights on every step.")
+    text = ("Our native artifacts run each quantized layer on the kernel that the "
+            f"`{KERNELS_HEADER}` column counts (layers per kernel): " +
+            "; ".join(f"`{k}`: {v}" for k, v in sorted(summaries.items())) + ".")
+    if "reference" in summaries:
+        text += (" Layers on `reference` dequantize every weight on every step, so a row "
+                 "whose layers are mostly there runs at a reference implementation's speed, "
+                 "not a deployment kernel's.")
+    if fallbacks:
+        text += " Layers not on a faster kernel, and why: " + "; ".join(
+            f"{why} ({_n(sum(ns), 'layer')} in {_n(len(ns), 'cell')})"
+            for why, ns in sorted(fallbacks.items(), key=lambda kv: -sum(kv[1]))[:8]) + "."
+    return text
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 # --- Markdown ---------------------------------------------------------------------------------
@@ -248,12 +298,16 @@ def to_markdown(data: ReportData) -> str:
                     f"{data.out_dir}`._", "", "## Setup", "", *_settings_lines(data), ""]
     L += ["## Results", ""]
     if data.rows:
-        headers, body = main_table(data.rows)
-        L.append(markdown(headers, body, numeric_columns()))
+        kernels = data.kernel_cells()
+        headers, body = main_table(data.rows, kernels)
+        L.append(markdown(headers, body, numeric_columns(bool(kernels))))
         L += ["", "Every number above is `metrics.value` in `results.db` for the latest "
               "`results` row of the cell whose hash starts with the `cell` column (size MB = "
               "`size_mb`, top-1 % = 100 × `top1`, task acc % = 100 × `task_acc`, the mean "
               "`acc` over the tasks)."]
+        if kernels:
+            L[-1] += (f" `{KERNELS_HEADER}`: the kernels the speed test's quantized layers ran "
+                      "on, as its `runtime` recorded them (see the caveats).")
     else:
         L.append("No finished cells yet.")
     if data.excluded:
@@ -382,8 +436,9 @@ def to_html(data: ReportData) -> str:
              "<h2>Setup</h2><ul>" + "".join(f"<li>{_md_inline(s[2:])}</li>" for s in
                                           _settings_lines(data)) + "</ul>", "<h2>Results</h2>"]
     if data.rows:
-        headers, body = main_table(data.rows)
-        parts.append(_t(headers, body, numeric_columns(), "results"))
+        kernels = data.kernel_cells()
+        headers, body = main_table(data.rows, kernels)
+        parts.append(_t(headers, body, numeric_columns(bool(kernels)), "results"))
         parts.append("<p>Every number is <code>metrics.value</code> in <code>results.db</code> "
                      "for the latest result of the cell named in the <code>cell</code> "
                      "column.</p>")

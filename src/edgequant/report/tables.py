@@ -8,8 +8,9 @@ each number against the database through it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..comparison.store import ResultRow
 
@@ -83,9 +84,30 @@ def sort_rows(rows: Iterable[ResultRow], models: Sequence[str] | None = None) ->
     return sorted(rows, key=key)
 
 
-def main_table(rows: Sequence[ResultRow]) -> tuple[list[str], list[list[str]]]:
-    """Headers and string cells of the comparison table (``rows`` already sorted)."""
-    return [c.header for c in COLUMNS], [[c.cell(r) for c in COLUMNS] for r in rows]
+KERNELS_HEADER = "kernels (speed run)"
+
+
+def kernel_text(runtime: Mapping[str, Any] | None) -> str:
+    """The kernels a speed run recorded (``runtime["kernels"]``: layers per kernel), as
+    ``int4_cpu ×168, reference ×43``; ``–`` when it recorded none (another backend, or an
+    edgequant from before the kernel registry)."""
+    counts = (runtime or {}).get("kernels")
+    if not counts:
+        return MISSING
+    return ", ".join(f"{name} ×{n}" for name, n in counts.items())
+
+
+def main_table(rows: Sequence[ResultRow], kernels: Mapping[int, str] | None = None
+               ) -> tuple[list[str], list[list[str]]]:
+    """Headers and string cells of the comparison table (``rows`` already sorted); with
+    ``kernels`` (result id → :func:`kernel_text`), a last column of the kernels that ran."""
+    headers = [c.header for c in COLUMNS]
+    body = [[c.cell(r) for c in COLUMNS] for r in rows]
+    if kernels:
+        headers.append(KERNELS_HEADER)
+        for r, cells in zip(rows, body, strict=True):
+            cells.append(kernels.get(r.result_id, MISSING))
+    return headers, body
 
 
 def markdown(headers: Sequence[str], body: Sequence[Sequence[str]],
@@ -101,8 +123,8 @@ def markdown(headers: Sequence[str], body: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
-def numeric_columns() -> list[bool]:
-    return [c.metric is not None for c in COLUMNS]
+def numeric_columns(kernels: bool = False) -> list[bool]:
+    return [c.metric is not None for c in COLUMNS] + ([False] if kernels else [])
 
 
 def parse_markdown_table(text: str, header_first: str = "cell") -> list[dict[str, str]]:
