@@ -136,12 +136,20 @@ def _pairs(items: list[str], flag: str, form: str) -> list[tuple[str, str]]:
 
 
 def _print_info(info: dict[str, Any]) -> None:
-    table = Table(title="quantized layers", show_lines=False)
-    for col in ("layer", "scheme", "shape", "bits/weight", "bytes"):
+    kern = info.get("kernels")
+    table = Table(title="quantized layers" + (f" (kernels for {kern['dtype']} activations, "
+                                               f"policy {kern['policy']})" if kern else ""))
+    cols = ["layer", "scheme", "shape", "bits/weight", "bytes"] + (["kernel"] if kern else [])
+    for col in cols:
         table.add_column(col, justify="right" if col in ("bits/weight", "bytes") else "left")
     for name, rec in info["layers"].items():
-        table.add_row(name, rec["scheme"], "×".join(map(str, rec["shape"])),
-                      f"{rec['bits_per_weight']:.3f}", f"{rec['nbytes']:,}")
+        row = [name, rec["scheme"], "×".join(map(str, rec["shape"])),
+               f"{rec['bits_per_weight']:.3f}", f"{rec['nbytes']:,}"]
+        if kern:
+            k = kern["layers"].get(name, {})
+            row.append(str(k.get("kernel", "-")) + (f" ({k['reason']})" if k.get("reason")
+                                                    else ""))
+        table.add_row(*row)
     out.print(table)
     bpw = info["bits_per_weight"]
     out.print(f"parameters: {info['num_params']:,}   quantized layers: "
@@ -154,14 +162,36 @@ def _print_info(info: dict[str, Any]) -> None:
 @app.command()
 def info(
     artifact: Path = typer.Argument(..., help="A native artifact folder."),
+    kernels: str | None = typer.Option(None, "--kernels", help="Also show the kernel each "
+                                       "layer would run on here: auto | reference | a kernel "
+                                       "name (loads torch)."),
+    dtype: str = typer.Option("auto", "--dtype", help="With --kernels: the activation dtype "
+                              "(auto: bfloat16 where the CPU has it, else float32)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Per-layer schemes, bits per weight and sizes of an artifact."""
+    """Per-layer schemes, bits per weight and sizes of an artifact (and, with --kernels, the
+    kernel each layer would run on this machine and why not a faster one)."""
     from .models.manifest import artifact_info
 
-    summary = _run(lambda: artifact_info(artifact))
+    def go() -> dict[str, Any]:
+        summary = artifact_info(artifact)
+        if kernels is not None:
+            from .compute import dtype_name, resolve_compute_dtype
+            from .errors import ModelLoadError
+            from .kernels import describe
+            from .models.manifest import read_manifest
+
+            act = resolve_compute_dtype(dtype, ModelLoadError, "--dtype")
+            rows = describe(read_manifest(artifact)["layers"], act, "cpu", kernels)
+            summary["kernels"] = {"dtype": dtype_name(act), "policy": kernels,
+                                  "layers": {r["layer"]: {"kernel": r["kernel"],
+                                                          "reason": r.get("reason")}
+                                             for r in rows}}
+        return summary
+
+    summary = _run(go)
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary, default=str))
     else:
         _print_info(summary)
 
@@ -173,7 +203,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 
     from .methods.registry import get_step, list_methods
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_methods():
         step = get_step(name)
         options = {f.name: f.default for f in dataclasses.fields(step.config_cls)}

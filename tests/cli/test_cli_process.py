@@ -147,3 +147,19 @@ def test_methods_lists_every_step_with_its_options() -> None:
     assert set(rows) == set(list_methods())
     assert rows["awq"]["kind"] == "transform" and rows["gptq"]["kind"] == "quantizer"
     assert rows["gptq"]["options"]["act_order"] is False and rows["gptq"]["needs"] == ["hessian"]
+
+
+def test_info_shows_the_kernel_each_layer_would_run_on(artifact: Path) -> None:
+    from edgequant.kernels import registered_kernels
+
+    names = {k.name for k in registered_kernels()}
+    ref = edgequant("info", str(artifact), "--kernels", "reference", "--dtype", "float32",
+                    "--json")
+    assert ref.returncode == 0, ref.stderr
+    layers = json.loads(ref.stdout)["kernels"]["layers"]
+    assert layers and {v["kernel"] for v in layers.values()} == {"reference"}
+    auto = edgequant("info", str(artifact), "--kernels", "auto", "--json")
+    assert auto.returncode == 0, auto.stderr
+    assert {v["kernel"] for v in json.loads(auto.stdout)["kernels"]["layers"].values()} <= names
+    bad = edgequant("info", str(artifact), "--kernels", "nope")
+    assert bad.returncode == 2 and "reference" in bad.stderr

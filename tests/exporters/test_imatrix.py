@@ -124,7 +124,8 @@ def test_imatrix_changes_k_quant_codes_and_is_recorded(llama, imatrix, tmp_path)
 
 
 def test_export_with_calibration_data(llama, tokens, tmp_path) -> None:
-    a = _export(llama, tmp_path / "a.gguf", "Q4_K_S", calib=Calibration(tokens, compute_dtype="float32"))
+    calib = Calibration(tokens, compute_dtype="float32")
+    a = _export(llama, tmp_path / "a.gguf", "Q4_K_S", calib=calib)
     b = _export(llama, tmp_path / "b.gguf", "Q4_K_S", imatrix=collect(llama, tokens))
     assert _tensor_bytes(a) == _tensor_bytes(b)
     with pytest.raises(GGUFError, match="not both"):
@@ -194,7 +195,8 @@ def test_gptq_lowers_the_output_error_of_32_blocks(llama, tokens) -> None:
 def test_gptq_export_runs_in_llama_cpp(llama, tokens, tmp_path) -> None:
     import edgequant as eq
 
-    path = _export(llama, tmp_path / "g.gguf", "Q4_0", calib=Calibration(tokens, compute_dtype="float32"), gptq=True)
+    calib = Calibration(tokens, compute_dtype="float32")
+    path = _export(llama, tmp_path / "g.gguf", "Q4_0", calib=calib, gptq=True)
     ids = tokens[0].tolist()
     with torch.no_grad():
         ref = llama.module(torch.tensor([ids])).logits[0]

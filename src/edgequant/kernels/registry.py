@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compute import dtype_name
 from ..errors import EdgequantError
 from ..formats import QuantizedTensor, QuantScheme
 
@@ -33,10 +34,6 @@ POLICIES = ("auto", REFERENCE)  # besides the name of any registered kernel
 class KernelError(EdgequantError):
     """A kernel that is unknown, incomplete, cannot run a layer, or whose layout cannot be
     saved."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
