@@ -42,6 +42,14 @@ def smollm2_dir() -> Path:
     return zoo.pull("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The zoo's default model as the GGUF file it ships in (Q4_1, not permuted)."""
+    from edgequant.models import zoo
+
+    return zoo.fetch_gguf("smollm2-135m")
+
+
 # Tests that take minutes each on 2 cores (Gemma 3's 1 GB checkpoint, a whole compare run,
 # every peer tool on the real model): `make test-all` runs them, `make test` (CI) does not.
 HEAVY = (

@@ -17,13 +17,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    from edgequant.models import zoo
-
-    return zoo.fetch_gguf("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def llama(gguf_path):
     with eq.open(gguf_path) as r:
         yield r

@@ -17,13 +17,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    from edgequant.models import zoo
-
-    return zoo.fetch_gguf("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def engine(gguf_path):
     with LlamaCppEngine(gguf_path, threads=1, parallel=3) as e:
         yield e
