@@ -48,7 +48,8 @@ def calib() -> torch.Tensor:
 
 
 def test_every_step_is_in_the_contract():
-    assert set(list_quantizers()) == set(FAMILIES)
+    """(Steps named test_* are probes that other test modules register.)"""
+    assert {q for q in list_quantizers() if not q.startswith("test_")} == set(FAMILIES)
     assert set(list_transforms()) == set(TRANSFORMS)
 
 

@@ -144,7 +144,8 @@ def test_methods_lists_every_step_with_its_options() -> None:
     res = edgequant("methods", "--json")
     assert res.returncode == 0 and res.stderr == "", res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
-    assert set(rows) == set(list_methods())
+    # (this process may also hold steps that test modules registered)
+    assert set(rows) == {m for m in list_methods() if not m.startswith("test_")}
     assert rows["awq"]["kind"] == "transform" and rows["gptq"]["kind"] == "quantizer"
     assert rows["gptq"]["options"]["act_order"] is False and rows["gptq"]["needs"] == ["hessian"]
 
