@@ -69,6 +69,21 @@ def format_name(fmt: Format) -> str:
     return fmt.name if isinstance(fmt, QuantScheme) else fmt
 
 
+def _default_quantizer_for(transform: str, fmt: Format) -> str:
+    """The quantizer a recipe of transforms alone gets: the first transform's choice for a
+    native scheme, RTN (llama.cpp's encoders) for a GGML type."""
+    from .methods.registry import get_transform
+
+    return get_transform(transform).default_quantizer(fmt) if isinstance(fmt, QuantScheme) \
+        else "rtn"
+
+
+def _ggml_refused(where: str, fmt: str) -> SchemeError:
+    return SchemeError(f"{where}: {fmt} is a GGML type, which only a GGUF export writes "
+                       "(edgequant export --type / eq.export); a native artifact needs a "
+                       "native scheme such as w4g32-asym")
+
+
 def _default_quantizer() -> Any:
     from .methods.rtn import RTNConfig
 
@@ -129,22 +144,10 @@ class Recipe:
         """``awq+gptq``; a transform followed by its own default quantizer is named by the
         transform alone (``awq``, ``smoothquant``), as the literature names those methods."""
         names = self.transform_names
-        if names and self.quantizer_name == self.default_quantizer_name():
+        if names and self.quantizer_name == _default_quantizer_for(names[0],
+                                                                  parse_format(self.scheme)):
             return "+".join(names)
         return "+".join([*names, self.quantizer_name])
-
-    def default_quantizer_name(self) -> str | None:
-        from .methods.registry import get_transform
-
-        if not self.transforms:
-            return None
-        scheme = self.scheme_or_none()
-        first = get_transform(self.transform_names[0])
-        return first.default_quantizer(scheme) if scheme is not None else "rtn"
-
-    def scheme_or_none(self) -> QuantScheme | None:
-        fmt = parse_format(self.scheme)
-        return fmt if isinstance(fmt, QuantScheme) else None
 
     @property
     def needs_calibration(self) -> bool:
@@ -167,18 +170,14 @@ class Recipe:
         the GGUF exporter writes those."""
         f = self.format_for(name, in_blocks)
         if isinstance(f, str):
-            raise SchemeError(f"layer {name}: {f} is a GGML type, which only a GGUF export "
-                              "writes (edgequant export --type / eq.export); a native "
-                              "artifact needs a native scheme such as w4g32-asym")
+            raise _ggml_refused(f"layer {name}", f)
         return f
 
     def check_native(self) -> None:
         """Refuse GGML types up front when the target is a native artifact."""
         for pattern, f in (("(blocks)", self.scheme), *self.formats):
             if isinstance(parse_format(f), str) and f != KEEP:
-                raise SchemeError(f"{pattern}: {f} is a GGML type, which only a GGUF export "
-                                  "writes (edgequant export --type / eq.export); a native "
-                                  "artifact needs a native scheme such as w4g32-asym")
+                raise _ggml_refused(pattern, f)
 
     def with_formats(self, pairs: Iterable[tuple[str, str]]) -> Recipe:
         return replace(self, formats=(*self.formats, *pairs))
@@ -196,7 +195,7 @@ class Recipe:
         step; a bare ``"act_order"`` goes to the one step that has such an option (an error
         if none or several do).
         """
-        from .methods.registry import Quantizer, get_step, get_transform, make_config
+        from .methods.registry import Quantizer, get_step, make_config
 
         parts = [p for p in spec.split("+")]
         if not spec.strip() or any(not p.strip() for p in parts):
@@ -209,9 +208,7 @@ class Recipe:
                                   "(transforms first, then one quantizer)")
         fmt = parse_format(scheme)
         if not isinstance(last, Quantizer):
-            first = get_transform(steps[0].name)
-            q_name = first.default_quantizer(fmt) if isinstance(fmt, QuantScheme) else "rtn"
-            steps.append(get_step(q_name))
+            steps.append(get_step(_default_quantizer_for(steps[0].name, fmt)))
         per_step = _split_options(steps, dict(options or {}), spec)
         configs = [make_config(s, per_step[i]) for i, s in enumerate(steps)]
         return cls(quantizer=configs[-1], transforms=tuple(configs[:-1]),
@@ -285,7 +282,6 @@ def _from_v0(d: Mapping[str, Any]) -> Recipe:
     """Artifacts written before recipes were versioned."""
     scheme = QuantScheme.from_dict(dict(d["scheme"])).name if isinstance(d["scheme"], Mapping) \
         else str(d["scheme"])
-    r = Recipe.parse(d["method"], scheme, d.get("method_options") or {},
-                     formats=tuple((str(p), str(s)) for p, s in d.get("overrides", [])),
-                     keep_dtype=d.get("keep_dtype", "float16"))
-    return r
+    return Recipe.parse(d["method"], scheme, d.get("method_options") or {},
+                        formats=tuple((str(p), str(s)) for p, s in d.get("overrides", [])),
+                        keep_dtype=d.get("keep_dtype", "float16"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.calibration import CalibrationSpec, resolve
@@ -70,7 +69,3 @@ def collect(model: Any, calib: Any = None, progress: Progress = no_progress,
     return ImportanceMatrix(sums, counts, [dataset], int(tokens.shape[0]), int(tokens.shape[1]),
                             full if hessians else None)
 
-
-def hessian_of(imatrix: ImportanceMatrix, name: str) -> np.ndarray | None:
-    """The Hessian kept for ``name`` by :func:`collect` (None when not collected)."""
-    return None if imatrix.hessians is None else imatrix.hessians.get(name)
