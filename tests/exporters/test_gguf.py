@@ -339,3 +339,14 @@ def test_recipes_the_exporter_cannot_write_are_refused(llama, tmp_path) -> None:
     with pytest.raises(GGUFError, match="rtn .* or gptq, not hqq"):
         export(llama, tmp_path / "c.gguf", Recipe.parse("hqq", "Q4_0"), tokenizer_pre="gpt-2")
     assert _leftovers(tmp_path) == []
+
+
+def test_an_override_that_names_no_tensor_is_refused(tmp_path) -> None:
+    """Tied embeddings: there is no lm_head tensor, so 'lm_head=Q8_0' would change nothing."""
+    model = tiny("gemma3")
+    with pytest.raises(GGUFError, match="'lm_head' matches no tensor"):
+        export(model, tmp_path / "t.gguf", "Q4_0", overrides=(("lm_head", "Q8_0"),))
+    path = export(model, tmp_path / "e.gguf", "Q4_0",
+                  overrides=(("model.embed_tokens", "Q8_0"),))
+    assert inspect_gguf(path).tensor("token_embd.weight").type == QT.Q8_0
+    assert _leftovers(tmp_path) == ["e.gguf"]

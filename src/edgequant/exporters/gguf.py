@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,18 @@ def recipe_types(conv: Conversion, recipe: Recipe) -> dict[str, GGMLQuantization
                             "a llama.cpp file type such as Q4_K_M")
         out[t.name] = fallback(GGMLQuantizationType[fmt], info.row_length)
     return out
+
+
+def _check_overrides_match(conv: Conversion, overrides: tuple[tuple[str, str], ...]) -> None:
+    """An override that names no tensor would silently change nothing: refuse it (a tied
+    ``lm_head`` has no tensor of its own; the embedding is written for both)."""
+    modules = sorted({_module_of(t.source) for t in conv.tensors
+                      if tensor_allows_quantization(TensorInfo(t.name, t.shape))})
+    for pattern, _ in overrides:
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):
+            raise GGUFError(f"override {pattern!r} matches no tensor of this model (a tied "
+                            f"lm_head is stored as the embedding); modules: "
+                            f"{', '.join(modules[:3])}, …, {modules[-1]}")
 
 
 class ExportPlan:
@@ -207,6 +220,7 @@ def plan_export(model: Any, target: str | Recipe = "Q4_K_M",
     recipe = target if isinstance(target, Recipe) else mixture_recipe(
         conv, target, imatrix is not None, GPTQConfig() if gptq else None)
     if overrides:
+        _check_overrides_match(conv, overrides)
         recipe, ftype = recipe.with_formats(overrides), None  # no longer llama.cpp's mixture
     return ExportPlan(conv, recipe, imatrix, ftype)
 
@@ -236,7 +250,7 @@ def export(model_or_source: Any, path: str | os.PathLike[str], ftype: str | Reci
         gptq: encode the block linears with GPTQ error feedback (needs ``calib``; see
             :mod:`edgequant.methods.gptq`). Same types and file layout, different codes.
         overrides: ``(pattern, GGML type)`` pairs on module names applied after ``ftype``,
-            e.g. ``(("lm_head", "Q8_0"),)``.
+            e.g. ``(("*.down_proj", "Q6_K"),)`` (an override that names no tensor is refused).
 
     Returns:
         ``path``.
