@@ -265,8 +265,8 @@ def export_cmd(
     gptq: bool = typer.Option(False, "--gptq", help="GPTQ error feedback into the GGML grids "
                               "(needs --calib)."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=TYPE on module names, "
-                                       "after the file type's mixture, e.g. 'model.embed_tokens=Q8_0' or "
-                                       "'*.down_proj=Q6_K'."),
+                                       "after the file type's mixture, e.g. "
+                                       "'model.embed_tokens=Q8_0' or '*.down_proj=Q6_K'."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
