@@ -421,6 +421,21 @@ def compare_cmd(
                                "report": str(res.report) if res.report else None}))
     elif not quiet:
         console.print(f"[green]report[/] {res.report} (and report.html)")
+        _suggest_chat(output)
+
+
+def _suggest_chat(output: Path) -> None:
+    """After a compare: the command that serves the recommended artifact beside its source,
+    so the chat page's arena shows both with their measured KLD."""
+    from .comparison.store import DB_NAME, Store
+    from .report.recommend import chat_pick
+
+    with Store(output / DB_NAME, create=False) as store:
+        pick = chat_pick(store.results())
+    if pick is not None and pick.artifact:
+        console.print(f"chat with {pick.label} (and {pick.model} beside it in the arena):\n"
+                      f"  edgequant serve {pick.artifact} {pick.model} --results {output}\n"
+                      "  then open http://127.0.0.1:8080/", highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -434,6 +449,75 @@ def report_cmd(
     path = _run(lambda: render_report(directory))
     if not quiet:
         console.print(f"[green]wrote[/] {path} and {path.with_name('report.html')}")
+
+
+@app.command("serve")
+def serve_cmd(
+    models: list[str] = typer.Argument(..., help="Models to serve: GGUF files (llama.cpp), "
+                                       "native artifacts, zoo names or HF folders (torch). "
+                                       "NAME=MODEL sets the id requests use."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, help="Port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="EDGEQUANT_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY'."),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="Slots per model: requests "
+                                 "generated at once (batched where the engine can)."),
+    max_queue: int = typer.Option(64, help="Requests per model that may wait for a slot; "
+                                  "more get 503 with Retry-After."),
+    ctx: int = typer.Option(2048, "--ctx", "-c", help="Tokens per request (prompt + reply)."),
+    threads: int | None = typer.Option(None, help="CPU threads per model."),
+    cors: list[str] = typer.Option([], help="Allow browser calls from this origin "
+                                   "(repeatable; off by default)."),
+    results: Path | None = typer.Option(None, help="A compare output directory: show each "
+                                        "model's measured KLD and PPL in the chat page."),
+    timeout: float = typer.Option(600.0, help="Seconds a request may take, queueing "
+                                  "included."),
+    kernels: str | None = typer.Option(None, help="Native models: the kernel choice "
+                                       "(auto, reference or a kernel's name)."),
+) -> None:
+    """Serve models over an OpenAI-compatible API, with a chat page and an arena at /."""
+    import threading
+
+    import uvicorn
+
+    from .serve import ServedModel, create_app
+    from .serve.models import open_model, parse_spec, results_for
+
+    def build() -> tuple[Any, list[ServedModel]]:
+        specs = [parse_spec(m) for m in models]
+        measured = results_for(results, [src for _, src in specs]) if results else {}
+        served = [ServedModel(mid, loader=lambda src=src: open_model(src, ctx, parallel,
+                                                                     threads, kernels),
+                              meta={"source": src, **measured.get(src, {})})
+                  for mid, src in specs]
+        return create_app(served, api_key=api_key, parallel=parallel, max_queue=max_queue,
+                          ctx=ctx, cors=cors or None, request_timeout=timeout or None), served
+
+    try:
+        web, served = build()
+    except ValueError as e:
+        _fail(EdgequantError(str(e)))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who "
+                      "reaches this port can use the models")
+    server = uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level="warning"))
+    state = web.state.server
+    failed: list[str] = []
+
+    def watch() -> None:
+        state.loaded.wait()
+        if state.errors:
+            failed.extend(f"{k}: {v}" for k, v in state.errors.items())
+            server.should_exit = True
+            return
+        names = ", ".join(m.id for m in served)
+        console.print(f"[green]serving[/] {names} at http://{host}:{port}  (chat page: "
+                      f"http://{host}:{port}/, API: http://{host}:{port}/v1)")
+    console.print(f"loading {', '.join(m.id for m in served)} …")
+    threading.Thread(target=watch, daemon=True).start()
+    server.run()
+    if failed:
+        _fail(EdgequantError("could not load " + "; ".join(failed)))
 
 
 #: loggers that warn about their own setup on every start, which a CLI user can do nothing

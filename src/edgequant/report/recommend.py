@@ -143,3 +143,20 @@ def equal_memory(rows: Sequence[ResultRow], budgets: Sequence[float]) -> list[Pa
                 best[model] = min(cand, key=lambda r: r.m(measure), default=None)  # type: ignore
         out.append(Pairing(b, measure, best))
     return out
+
+
+def chat_pick(rows: Sequence[ResultRow]) -> ResultRow | None:
+    """The artifact to chat with after a compare: the smallest within 1 % of the baseline's
+    perplexity, else the lowest KLD under the middle memory budget — among artifacts that
+    ``edgequant serve`` runs (GGUF files and native folders, not peer tools' formats)."""
+    servable = [r for r in rows if r.kind in ("gguf", "native") and r.artifact]
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model and (r in servable or r.kind == "baseline")]
+        pick = smallest_within(mine, model).row
+        if pick is None or pick.kind == "baseline":
+            budgets = default_budgets(mine)
+            pick = best_under([r for r in mine if r.kind != "baseline"], model,
+                              budgets[len(budgets) // 2]).row if budgets else None
+        if pick is not None:
+            return pick
+    return None

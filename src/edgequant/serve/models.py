@@ -46,6 +46,7 @@ class ServedModel:
             if self.loader is None:
                 raise ModelLoadError(f"model {self.id!r} has neither an engine nor a loader")
             self.engine = self.loader()
+        if self.meta.get("backend") is None:   # what the caller did not say, the engine does
             self.meta.update({k: v for k, v in describe(self.engine).items()
                               if self.meta.get(k) is None})
         return self.engine
