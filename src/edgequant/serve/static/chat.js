@@ -211,14 +211,16 @@ function formatStats(s) {
 
 // --- models -------------------------------------------------------------------------------
 
+function megabytes(bytes) {
+  const mb = bytes / 1e6;
+  return `${mb < 10 ? mb.toFixed(2) : mb < 100 ? mb.toFixed(1) : Math.round(mb)} MB`;
+}
+
 function describe(meta) {
   if (!meta) return "";
   const parts = [];
   if (meta.backend) parts.push(meta.backend);
-  if (num(meta.size_bytes) !== null) {
-    const mb = meta.size_bytes / 1e6;
-    parts.push(`${mb < 10 ? mb.toFixed(2) : mb < 100 ? mb.toFixed(1) : Math.round(mb)} MB`);
-  }
+  if (num(meta.size_bytes) !== null) parts.push(megabytes(meta.size_bytes));
   if (num(meta.bits_per_weight) !== null) parts.push(`${meta.bits_per_weight.toFixed(2)} bits/weight`);
   if (num(meta.kld) !== null) parts.push(`KLD ${meta.kld.toPrecision(3)}`);
   if (num(meta.ppl) !== null) parts.push(`PPL ${meta.ppl.toFixed(2)}`);
@@ -237,7 +239,7 @@ function fillPicker(select, wanted) {
     const opt = document.createElement("option");
     opt.value = m.id;
     const meta = m.meta || {};
-    const size = num(meta.size_bytes) !== null ? ` · ${Math.round(meta.size_bytes / 1e6)} MB` : "";
+    const size = num(meta.size_bytes) !== null ? ` · ${megabytes(meta.size_bytes)}` : "";
     opt.textContent = `${m.id}${size}`;
     return opt;
   }));
@@ -270,6 +272,7 @@ async function loadModels() {
   fillPicker($("model-left"), arena.left);
   fillPicker($("model-right"), arena.right || (models[1] && models[1].id));
   showMeta();
+  renderMessages();
   if (!models.length) showBanner("The server serves no model.");
   else if ($("banner").dataset.kind === "loading") hideBanner();
   document.body.dataset.ready = "true";
@@ -680,6 +683,7 @@ function wire() {
 }
 
 wire();
+fillSettings();
 selectTab(location.hash === "#arena" ? "arena" : "chat");
 if (!currentConv()) currentId = convs.length ? convs[0].id : null;
 renderAll();
