@@ -201,6 +201,65 @@ def test_markdown_is_rendered_as_elements(page: Any) -> None:
     assert _console_errors(page) == []
 
 
+A = ' rel="noopener noreferrer" target="_blank"'
+RENDERED = [   # Markdown → the HTML that markdown.js's DOM serializes to
+    ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    ("<script>alert(1)</script>", "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>"),
+    ("**b** *i* _i_ __b__", "<p><strong>b</strong> <em>i</em> <em>i</em> <strong>b</strong></p>"),
+    ("**bold *and italic***", "<p><strong>bold <em>and italic</em></strong></p>"),
+    ("snake_case_name and 2 * 3 * 4", "<p>snake_case_name and 2 * 3 * 4</p>"),
+    ("`**not bold** <b>`", "<p><code>**not bold** &lt;b&gt;</code></p>"),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    ("[x](https://a.example/c?d=1)", f'<p><a href="https://a.example/c?d=1"{A}>x</a></p>'),
+    ("see https://x.example/a.", f'<p>see <a href="https://x.example/a"{A}>'
+                                 "https://x.example/a</a>.</p>"),
+    ("a\nb\n\nc", "<p>a<br>b</p><p>c</p>"),
+    ("# T\n###### six\n####### seven", "<h3>T</h3><h6>six</h6><p>####### seven</p>"),
+    ("- a\n- b\n  - c", "<ul><li>a</li><li>b<ul><li>c</li></ul></li></ul>"),
+    ("3. a\n4. b", '<ol start="3"><li>a</li><li>b</li></ol>'),
+    ("> q <i>", "<blockquote><p>q &lt;i&gt;</p></blockquote>"),
+    ("x\n\n---\n\ny", "<p>x</p><hr><p>y</p>"),
+    ("```py\nif a < b:\n    pass\n```\nafter",
+     '<pre data-lang="py"><code class="language-py">if a &lt; b:\n    pass</code></pre>'
+     "<p>after</p>"),
+    ("```\nstill streaming", "<pre><code>still streaming</code></pre>"),
+    ('```"><img src=x>\ncode\n```', "<pre><code>code</code></pre>"),
+]
+HOSTILE = ['[a](http://x.example/"onmouseover="alert(1))', "<a href=javascript:alert(1)>x</a>",
+           "[**x**](https://ok.example) [y](data:text/html,<script>alert(1)</script>)",
+           "```js onload=alert(1)\n</code></pre><img src=x onerror=alert(1)>\n```",
+           "<svg/onload=alert(1)> &lt;b&gt; &amp; \u202e <!-- c --> <![CDATA[x]]>",
+           "* * *\n- [x](vbscript:msgbox(1))\n1) `a` _b_ **c**\n> > nested <iframe>"]
+
+
+def test_the_markdown_renderer_makes_only_safe_elements(page: Any) -> None:
+    """markdown.js in the page: exact output for each construct, and for hostile input only
+    the renderer's own tags, no event handler, no link but http(s)."""
+    inputs = [md for md, _ in RENDERED] + HOSTILE
+    result = page.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/static/markdown.js').then(m => done(arguments[0].map(t => {"
+        "  const div = document.createElement('div'); m.renderMarkdown(t, div);"
+        "  const els = Array.from(div.querySelectorAll('*'));"
+        "  return [div.innerHTML, els.map(e => [e.tagName,"
+        "    Array.from(e.attributes).map(a => [a.name, a.value])])]; })),"
+        "  e => done(String(e)));", inputs)
+    assert isinstance(result, list), result
+    for (md, want), (html, _) in zip(RENDERED, result, strict=False):
+        assert html == want, md
+    allowed = {"P", "BR", "STRONG", "EM", "CODE", "PRE", "A", "UL", "OL", "LI", "H3", "H4",
+               "H5", "H6", "BLOCKQUOTE", "HR"}
+    for md, (_, elements) in zip(inputs, result, strict=True):
+        for tag, attrs in elements:
+            assert tag in allowed, (md, tag)
+            for name, value in attrs:
+                assert name in {"href", "rel", "target", "class", "data-lang", "start"}, md
+                if name == "href":
+                    assert value.startswith(("https://", "http://")), (md, value)
+                    assert '"' not in value and " " not in value, (md, value)
+    assert _console_errors(page) == []
+
+
 def test_stop_ends_a_long_generation_and_frees_the_slot(page: Any, server: str) -> None:
     _settings(page, temperature=0, max_tokens=900)        # ~20 s of paced tokens
     _pick(page, "model", "cycle")
