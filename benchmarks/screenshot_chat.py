@@ -49,7 +49,7 @@ def served_models(recipe: str, scheme: str, kld_tokens: int) -> list[Any]:
         size = model_size_info(model, path)
         meta = {"size_bytes": size["size_bytes"], "bits_per_weight": size["bits_per_weight"],
                 "kld": k, "method": method, "scheme": scheme if method else None}
-        out.append(ServedModel(name, eq.open(model), meta))
+        out.append(ServedModel(name, engine=eq.open(model), meta=meta))
     return out
 
 

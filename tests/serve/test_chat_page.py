@@ -34,11 +34,16 @@ MD_META = {"size_bytes": 270_000_000, "bits_per_weight": 16.0, "kld": None}
 WAIT = 60   # seconds any one wait may take on a loaded 2-core machine
 
 
+def _served(id_: str, engine: Any, meta: dict[str, Any]) -> ServedModel:
+    """A model opened by the server's loader, which fills in the card (backend …)."""
+    return ServedModel(id_, loader=lambda: engine, meta=dict(meta))
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    models = [ServedModel("cycle", chat_cycle_engine("cycle", delay=0.02), CYCLE_META),
-              ServedModel("md", ScriptEngine(MARKDOWN, "md", delay=0.005), MD_META),
-              ServedModel("evil", ScriptEngine(EVIL, "evil"), {})]
+    models = [_served("cycle", chat_cycle_engine("cycle", delay=0.02), CYCLE_META),
+              _served("md", ScriptEngine(MARKDOWN, "md", delay=0.005), MD_META),
+              _served("evil", ScriptEngine(EVIL, "evil"), {})]
     with running_server(create_app(models, parallel=4)) as url:
         yield url
 
@@ -128,7 +133,7 @@ def _busy_slots(url: str) -> float:
     req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": "Bearer sekrit"})
     with urllib.request.urlopen(req, timeout=10) as r:
         text = r.read().decode()
-    found = re.findall(r"^edgequant_requests_processing(?:\{[^}]*\})? (\S+)$", text, re.M)
+    found = re.findall(r"^edgequant_slots_busy(?:\{[^}]*\})? (\S+)$", text, re.M)
     assert found, text
     return sum(float(v) for v in found)
 
@@ -402,7 +407,7 @@ def _hold_a_slot(url: str, model: str, max_tokens: int) -> Any:
 def test_a_key_is_asked_for_and_busy_is_shown(driver: Any) -> None:
     """401: the page asks for the key and then works; 503 (queue full): "busy", and Retry
     succeeds once the slot is free."""
-    models = [ServedModel("cycle", chat_cycle_engine("cycle", delay=0.02), CYCLE_META)]
+    models = [_served("cycle", chat_cycle_engine("cycle", delay=0.02), CYCLE_META)]
     app = create_app(models, api_key="sekrit", parallel=1, max_queue=0)
     with running_server(app) as url:
         driver.get(f"{url}/")

@@ -423,6 +423,7 @@ function updateButtons() {
   $("regenerate").disabled = busy || !hasUser;
   $("model").disabled = busy;
   $("new-chat").disabled = busy;
+  $("messages").setAttribute("aria-busy", String(busy)); // screen readers: read it when done
   document.body.dataset.busy = String(busy || arenaCtrl !== null);
 }
 
@@ -538,6 +539,7 @@ async function arenaSend(text) {
     stats.className = "stats";
     stats.textContent = "…";
     panel.dataset.state = "streaming";
+    out.setAttribute("aria-busy", "true");
     const paint = painter(msg, out);
     try {
       const r = await streamChat(model, messages, arenaCtrl.signal, (t) => {
@@ -557,6 +559,7 @@ async function arenaSend(text) {
     }
   });
   await Promise.allSettled(runs);
+  for (const side of ["left", "right"]) $(`out-${side}`).setAttribute("aria-busy", "false");
   arenaCtrl = null;
   $("arena-send").hidden = false;
   $("arena-stop").hidden = true;
