@@ -4,8 +4,9 @@ The zoo's SmolLM2-135M is served twice by the real server on a loopback port: as
 (float32, torch) and quantized in memory by a recipe (default RTN w4g128), with each model's
 size and bits per weight counted from what it stores and the quantized one's KL divergence
 against the float model measured by ``eq.evaluate`` (wiki, ``--kld-tokens`` tokens). Headless
-Chromium then asks a question on the chat page and another in the arena (greedy sampling,
-so the pictures are reproducible) and saves both at 1280x800:
+Chromium then asks two questions on the chat page and one in the arena (sampling with a fixed
+seed, so the pictures are reproducible: greedy decoding of a 135M model loops) and saves both
+at 1280x800:
 
     PYTHONPATH=src python benchmarks/screenshot_chat.py     # docs/images/{chat,arena}.png
     PYTHONPATH=src python benchmarks/screenshot_chat.py --recipe gptq --scheme w3g128
@@ -84,8 +85,8 @@ def screenshots(url: str, models: list[Any], out: Path, max_tokens: int) -> None
         driver.get(f"{url}/")
         driver.execute_script(
             "localStorage.clear(); localStorage.setItem('edgequant.settings', "
-            "JSON.stringify({temperature: 0, top_p: 1, top_k: 0, max_tokens: arguments[0],"
-            " seed: 0, system: ''}))", max_tokens)
+            "JSON.stringify({temperature: 0.6, top_p: 0.9, top_k: 40, max_tokens: arguments[0],"
+            " seed: 7, system: ''}))", max_tokens)
         driver.get(f"{url}/")
         _wait(driver, lambda d: d.execute_script("return document.body.dataset.ready"))
         Select(driver.find_element(By.ID, "model")).select_by_value(models[1].id)
