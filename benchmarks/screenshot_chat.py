@@ -50,7 +50,8 @@ def served_models(recipe: str, scheme: str, kld_tokens: int) -> list[Any]:
         size = model_size_info(model, path)
         meta = {"size_bytes": size["size_bytes"], "bits_per_weight": size["bits_per_weight"],
                 "kld": k, "method": method, "scheme": scheme if method else None}
-        out.append(ServedModel(name, engine=eq.open(model), meta=meta))
+        # opened by the server's loader, which adds what the engine knows (its backend)
+        out.append(ServedModel(name, loader=lambda m=model: eq.open(m), meta=meta))
     return out
 
 
