@@ -8,41 +8,21 @@ failure, not a skip, so CI cannot pass without looking at the page.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync",
-         "--disable-dev-shm-usage")
-
-
-def _exe(env: str, *names: str) -> str:
-    for cand in (os.environ.get(env), *names):
-        if cand and (shutil.which(cand) or Path(cand).is_file()):
-            return shutil.which(cand) or cand
-    pytest.fail(f"{names[0]} not found: apt-get install -y chromium chromium-driver "
-                f"(or set {env})")
+from tests.browser import BrowserMissing, start_chromium  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = _exe("EDGEQUANT_CHROMIUM", "/usr/bin/chromium", "chromium",
-                                "chromium-browser")
-    for flag in FLAGS:
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(_exe("EDGEQUANT_CHROMEDRIVER", "/usr/bin/chromedriver", "chromedriver"))
-    driver = webdriver.Chrome(service=service, options=opts)
-    driver.set_page_load_timeout(60)
+    try:
+        driver = start_chromium()
+    except BrowserMissing as e:
+        pytest.fail(str(e))
     try:
         yield driver
     finally:
