@@ -164,12 +164,11 @@ def build_config(method: str, data: str, **options: Any) -> FinetuneConfig:
         where = [p for p, fs in names.items() if k in fs]
         if k in top:
             parts["top"][k] = v
-        elif len(where) == 1:
-            parts[where[0]][k] = v
+        elif where:  # ``seed`` seeds both the loop and the data order
+            for p in where:
+                parts[p][k] = v
         else:
             raise TrainingError(f"unknown fine-tuning option {k!r}")
-    if "seed" in parts["train"]:
-        parts["data"].setdefault("seed", parts["train"]["seed"])
     return FinetuneConfig(method=method, data=DataConfig(source=str(data), **parts["data"]),
                           train=TrainConfig(**parts["train"]),
                           lora=LoraConfig(**parts["lora"]), **parts["top"])
