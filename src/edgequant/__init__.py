@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["EdgequantError", "Model", "QuantScheme", "QuantizedTensor", "Recipe", "compare",
-           "evaluate", "export", "load", "open", "quantize", "__version__"]
+           "evaluate", "export", "finetune", "load", "open", "quantize", "__version__"]
 
 # imported on first use: ``import edgequant`` (and every command's start) costs no torch
 __getattr__ = lazy_attributes(__name__, {
@@ -132,3 +132,13 @@ def compare(*sources: str, preset: str = "quick", methods: Any = None,
     from .comparison import compare as _compare
 
     return _compare(*sources, preset=preset, methods=methods, out_dir=out_dir, **options)
+
+
+def finetune(source: Any, method: str = "lora", data: str = "wiki",
+             out: str | Path = "out/finetune", **options: Any) -> Any:
+    """Fine-tune a (quantized) model: ``lora``, ``qlora``, ``qat``, ``lr-qat``, ``prilora``
+    on ``wiki`` (distillation), ``sharegpt`` or a file; resumable. Returns a
+    ``FinetuneResult``. See :func:`edgequant.finetuning.api.finetune`."""
+    from .finetuning.api import finetune as _finetune
+
+    return _finetune(source, method, data, out, **options)

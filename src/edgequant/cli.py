@@ -520,6 +520,111 @@ def serve_cmd(
         _fail(EdgequantError("could not load " + "; ".join(failed)))
 
 
+# --- finetune (one block: the fine-tuning command and its progress display) ------------------
+
+
+@app.command("finetune")
+def finetune_cmd(
+    source: str = typer.Argument(..., help="Native artifact folder, zoo name or HF folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoint, "
+                                "config.json, loss.png, and model/ or adapter/ + base/."),
+    method: str = typer.Option("lora", "--method", "-m", help="lora | qlora | qat | lr-qat | "
+                               "prilora."),
+    data: str = typer.Option("wiki", "--data", help="wiki (or lambada, shakespeare, a text "
+                             "file) | sharegpt | a chat .json/.jsonl (Alpaca, messages)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Training tokens "
+                                          "(instead of --max-steps)."),
+    scheme: str = typer.Option("w4g128", "--scheme", "-s", help="How a float SOURCE is "
+                               "quantized first (qlora: nf4-dq)."),
+    objective: str | None = typer.Option(None, "--objective", help="kd (distillation from "
+                                         "the unquantized model) | ce; default kd on text, "
+                                         "ce on chat data."),
+    teacher: str | None = typer.Option(None, "--teacher", help="The unquantized model for kd "
+                                       "(default: the float source / the artifact's source)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant."),
+    warmup: int = typer.Option(10, "--warmup", help="Warm-up steps."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per example."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
+    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
+    rank: int = typer.Option(16, "--rank", "-r", help="LoRA rank."),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha."),
+    dropout: float = typer.Option(0.05, "--dropout", help="LoRA dropout."),
+    target: list[str] = typer.Option([], "--target", help="LoRA target name pattern "
+                                     "(repeatable); default q_proj k_proj v_proj o_proj."),
+    merge: str | None = typer.Option(None, "--merge", help="LoRA: merge into a float copy and "
+                                     "re-quantize by this recipe (rtn, gptq, …) into model/."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto | float32 | "
+                                      "bfloat16 (autocast of forward and backward)."),
+    seed: int = typer.Option(0, "--seed", help="Seed (init, dropout, data order)."),
+    force: bool = typer.Option(False, "--force", help="Start over if OUTPUT exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Fine-tune SOURCE (LoRA/QLoRA/PRILoRA on the quantized base, QAT or LR-QAT with
+    distillation). A stopped run resumes when the same command is run again."""
+    from .finetuning.api import finetune as run_finetune
+
+    options: dict[str, Any] = dict(
+        scheme=scheme, objective=objective, lr=lr, schedule=schedule, warmup_steps=warmup,
+        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every,
+        r=rank, alpha=alpha, dropout=dropout, merge=merge, compute_dtype=compute_dtype,
+        seed=seed)
+    if target:
+        options["targets"] = tuple(t for item in target for t in item.split(",") if t)
+    track, on_step = _finetune_display(quiet or as_json)
+    try:
+        res = _run(lambda: run_finetune(source, method, data, output, max_steps=max_steps,
+                                        max_tokens=max_tokens, teacher=teacher, force=force,
+                                        progress=track, on_step=on_step, **options))
+    except typer.Exit as e:
+        if e.exit_code == 130:
+            console.print(f"checkpoint saved in {output}/checkpoint; run the same command to "
+                          "resume")
+        raise
+    if as_json:
+        typer.echo(json.dumps(res.summary, default=str))
+    elif not quiet:
+        t = res.summary.get("train", {})
+        console.print(f"[green]done[/] {t.get('steps')} steps, {t.get('tokens'):,} tokens, "
+                      f"final loss {t.get('final_loss'):.4f} → {output}")
+
+
+def _finetune_display(quiet: bool) -> tuple[Any, Any]:
+    """A progress bar showing loss, tokens/s and the ETA, fed by the loop's ``on_step``."""
+    from rich.progress import TimeRemainingColumn
+
+    state: dict[str, Any] = {}
+
+    def track(items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
+        if quiet or not console.is_terminal:
+            yield from items
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                      console=console, transient=False) as bar:
+            state["bar"], state["task"] = bar, bar.add_task(what, total=total, loss="-", tps="-")
+            for item in items:
+                yield item
+                bar.advance(state["task"])
+
+    def on_step(rec: Any) -> None:
+        if "bar" in state:
+            state["bar"].update(state["task"], loss=f"{rec.loss:.4f}",
+                                tps=f"{rec.tokens_per_s:,.0f}")
+        elif not quiet and rec.step % 10 == 0:
+            console.print(f"step {rec.step}: loss {rec.loss:.4f}, {rec.tokens_per_s:,.0f} "
+                          f"tok/s", highlight=False)
+
+    return track, on_step
+
+
+# --- end finetune ----------------------------------------------------------------------------
+
+
 #: loggers that warn about their own setup on every start, which a CLI user can do nothing
 #: about: torchao's CUDA-only kernels failing to load on a CPU machine, torch's deprecation of
 #: pytree registrations that torchao makes at import, bitsandbytes' optional CPU kernels

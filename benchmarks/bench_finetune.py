@@ -1,0 +1,189 @@
+"""Fine-tuning quantized SmolLM2-135M: how much of the quantization loss each method recovers.
+
+Rows (issue 12's table): for each base — RTN ``w4g128`` and GPTQ ``w3g128`` — the quantized
+base untouched, then QAT + KD, LR-QAT, LoRA (distillation) and PRILoRA, each trained on the
+held-out half of ``wiki`` (see ``edgequant.finetuning.data``) for the same token budget; LoRA
+rows are also merged into a float copy and re-quantized by the base's own method (``+merge``).
+Each row runs in a fresh Python process, so its peak RSS (``VmHWM``) is its own.
+
+Measured per row with the project's yardstick (``eq.evaluate``): perplexity, KL divergence and
+top-1 agreement against the fp32 model on the first ``--max-eval-tokens`` tokens of ``wiki``
+(ctx 512), and the mean response loss on the first ``--chat-eval`` held-out ShareGPT
+conversations; plus training tokens, wall time, tokens/s and peak RSS. ``kld_recovery`` is
+the fraction of the base's KLD the method removed: ``(KLD_base − KLD_row) / KLD_base``.
+
+    python benchmarks/bench_finetune.py                                # every row, 300k tokens
+    python benchmarks/bench_finetune.py --only rtn:qat,rtn:lora        # some rows
+    python benchmarks/bench_finetune.py --max-steps 2 --seq-len 64 --out /tmp/ft.json  # smoke
+
+Results: ``benchmarks/results/finetune.json`` and ``finetune.md``, rewritten after each row.
+Not yet here: the peers (torchao QAT, peft + bitsandbytes QLoRA) at the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128")}
+METHODS = ("base", "qat", "lr-qat", "lora", "prilora")
+ROWS = tuple(f"{b}:{m}" for b in BASES for m in METHODS)
+
+_CHILD = """\
+import json, sys, time
+import torch
+import edgequant as eq
+from edgequant.eval.memory import _peak_rss_mb
+from edgequant.finetuning.data import DataConfig, chat_data
+from edgequant.finetuning.objectives import cross_entropy
+from edgequant.models.artifact import is_artifact
+req = json.loads(sys.argv[1])
+
+def response_loss(model, n, seq_len):
+    data = chat_data(DataConfig("sharegpt", seq_len=seq_len, batch_size=1), model.tokenizer,
+                     split="eval")
+    total = count = 0
+    with torch.no_grad():
+        for i in range(n):
+            b = data.batch(i)
+            loss, k = cross_entropy(model.module(input_ids=b["input_ids"]).logits, b["labels"])
+            total, count = total + float(loss) * k, count + k
+    return total / max(count, 1)
+
+def measure(model):
+    r = eq.evaluate(model, ["ppl", "kld"], kld_base=req["model"], ctx=512,
+                    max_tokens=req["eval_tokens"]).to_dict()
+    return {"ppl": r["ppl"], "kld": r["kld_mean"], "top1": r["top1"],
+            "response_loss": response_loss(model, req["chat_eval"], 512)
+            if req["chat_eval"] else None}
+
+base_dir = req["work"] + "/base-" + req["base"]
+if not is_artifact(base_dir):
+    eq.quantize(req["model"], req["recipe"], req["scheme"]).save(base_dir, force=True)
+t0 = time.perf_counter()
+out = {"row": req["row"]}
+if req["method"] == "base":
+    out.update(measure(eq.load(base_dir)), train_tokens=0)
+else:
+    budget = {"max_steps": req["max_steps"]} if req["max_steps"] else \\
+        {"max_tokens": req["max_tokens"]}
+    lora = req["method"] in ("lora", "prilora")
+    run_dir = req["work"] + "/" + req["row"].replace(":", "-")
+    r = eq.finetune(base_dir, req["method"], "wiki", run_dir,
+                    force=True, seq_len=req["seq_len"], batch_size=req["batch_size"],
+                    lr=req["lr"][req["method"]], merge=req["recipe"] if lora else None,
+                    save_every=req["save_every"], **budget)
+    t = r.summary["train"]
+    out.update(train_tokens=t["tokens"], train_s=t["seconds"],
+               tokens_per_s=t["tokens"] / t["seconds"], peak_rss_train_mb=_peak_rss_mb())
+    out.update(measure(r.model))
+    if lora:
+        merged = measure(eq.load(r.out / "model"))
+        out["merged"] = {**merged, "codes_changed": r.summary["merge"]["codes_changed"]}
+out["wall_s"] = time.perf_counter() - t0
+out["peak_rss_mb"] = _peak_rss_mb()
+print("RESULT " + json.dumps(out))
+"""
+
+LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4}
+
+
+def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
+    base, method = row.split(":")
+    recipe, scheme = BASES[base]
+    req = {"row": row, "base": base, "method": method, "recipe": recipe, "scheme": scheme,
+           "model": args.model, "work": str(args.work), "max_steps": args.max_steps,
+           "max_tokens": args.max_tokens, "seq_len": args.seq_len,
+           "batch_size": args.batch_size, "lr": LR, "eval_tokens": args.max_eval_tokens,
+           "chat_eval": args.chat_eval, "save_every": args.save_every}
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent / "src")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(req)], env=env,
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])  # type: ignore[no-any-return]
+    return {"row": row, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
+
+
+def add_recovery(rows: list[dict[str, Any]]) -> None:
+    base_kld = {r["row"].split(":")[0]: r.get("kld") for r in rows if r["row"].endswith(":base")}
+    for r in rows:
+        b = base_kld.get(r["row"].split(":")[0])
+        for part in (r, r.get("merged") or {}):
+            if b and part.get("kld") is not None:
+                part["kld_recovery"] = (b - part["kld"]) / b
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    os.replace(tmp, out)
+    head = ("| row | PPL | KLD | top-1 | response loss | KLD recovery | train tokens | "
+            "tokens/s | wall s | peak RSS MB |")
+    lines = [f"# Fine-tuning SmolLM2-135M ({meta['budget']})", "", head,
+             "|" + " --- |" * 10]
+
+    def fmt(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | error: {' / '.join(r['error'])} |" + " |" * 8)
+            continue
+        for name, p in ((r["row"], r), (r["row"] + "+merge", r.get("merged"))):
+            if p is None:
+                continue
+            lines.append(f"| {name} | {fmt(p.get('ppl'), '.3f')} | {fmt(p.get('kld'), '.4f')} "
+                         f"| {fmt(p.get('top1'), '.4f')} | {fmt(p.get('response_loss'), '.4f')} "
+                         f"| {fmt(p.get('kld_recovery'), '.1%')} | "
+                         f"{fmt(r.get('train_tokens'), ',')} | "
+                         f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('wall_s'), '.0f')} "
+                         f"| {fmt(r.get('peak_rss_mb'), ',.0f')} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--only", default="", help="comma-separated rows (default: all): "
+                    + ", ".join(ROWS))
+    ap.add_argument("--max-tokens", type=int, default=300_000, help="training tokens per row")
+    ap.add_argument("--max-steps", type=int, default=0, help="instead of --max-tokens")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    ap.add_argument("--chat-eval", type=int, default=64, help="held-out ShareGPT "
+                    "conversations for the response loss (0: skip)")
+    ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"))
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "finetune.json")
+    args = ap.parse_args()
+    rows_to_run = [r for r in args.only.split(",") if r] or list(ROWS)
+    unknown = set(rows_to_run) - set(ROWS)
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
+    meta = {"model": args.model, "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
+            "budget": f"{args.max_steps} steps" if args.max_steps else
+            f"{args.max_tokens:,} tokens", "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "lr": LR, "started": time.strftime("%F %T")}
+    rows: list[dict[str, Any]] = []
+    for row in rows_to_run:
+        rows.append(run_row(row, args))
+        add_recovery(rows)
+        meta["load_avg_end"] = os.getloadavg()
+        print(json.dumps(rows[-1]), flush=True)
+        write(rows, meta, args.out)
+
+
+if __name__ == "__main__":
+    main()
