@@ -20,14 +20,15 @@ Targets (``--targets``):
 * ``ours-native`` — ``edgequant serve`` on a native 4-bit artifact of the same model (RTN
   ``--native-scheme``, made once and cached), for the batching target.
 
-Per level (concurrency 1, 2, 4, 8 by default), ``max(--min-requests, 4·c)`` requests go
-through ``c`` closed-loop workers (``c`` warm-up requests first): TTFT p50/p95 (request sent →
-first content delta), TPOT ((latency − TTFT)/(tokens − 1)), inter-token latency, latency,
-aggregate output tokens/s (all output tokens / the level's wall time), errors by status, and
-the server's VmRSS sampled every 0.2 s (start, max, end). Then an overload check (``ours``
-with ``--parallel 2 --max-queue 4`` under 2 × (2 + 4) concurrent requests: only 200s and
-503s with Retry-After allowed, then normal service) and an RSS soak (``--soak-requests``
-short requests at concurrency 4: RSS after the first 50 vs at the end).
+Per level (concurrency 1, 2, 4, 8 by default), ``max(--min-requests, 4·c)`` requests (other
+prompts at each level, so no prompt cache sees one twice) go through ``c`` closed-loop
+workers, after ``c`` warm-up requests. Measured: TTFT p50/p95 (request sent → first content
+delta), TPOT ((latency − TTFT)/(tokens − 1)), inter-token latency, latency, aggregate output
+tokens/s (all output tokens / the level's wall time), errors by status, and the server's VmRSS
+sampled every 0.2 s (start, max, end). Then an overload check (``ours`` with ``--parallel 2
+--max-queue 4`` under 2 × (2 + 4) concurrent requests: only 200s and 503s with Retry-After
+allowed, then normal service) and an RSS soak (``--soak-requests`` short requests at
+concurrency 4: RSS after the first 50 vs at the end).
 
 Loopback only; bounded request counts. The client runs on the same cores as the server;
 record the load average (the JSON does) and compare figures only within one run.
@@ -538,7 +539,7 @@ def direct_level(engine: Any, prompts: Sequence[Prompt], concurrency: int, max_t
 
 
 def machine() -> dict[str, Any]:
-    model, flags = "unknown", set()
+    model, flags = "unknown", set[str]()
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
             key, _, value = line.partition(":")
@@ -641,8 +642,8 @@ def level_row(target: str, model: str, c: int, results: Sequence[RequestResult],
 
 
 def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str,
-               prompts: Sequence[Prompt], warmup: Sequence[Prompt], levels: Sequence[int],
-               s: Settings, work: Path) -> None:
+               prompts: dict[int, list[Prompt]], warmup: Sequence[Prompt],
+               levels: Sequence[int], s: Settings, work: Path) -> None:
     """Every level against one server process (started once, RSS sampled over all levels)."""
     log(f"{target}: starting {' '.join(cmd)}")
     t = time.perf_counter()
@@ -656,7 +657,7 @@ def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str
                                        "rss_idle_mib": round((rss_bytes(proc.pid) or 0) / 2**20,
                                                              1)}
         for c in levels:
-            sample = prompts[:s.n_requests(c)]
+            sample = prompts[c]
             before = load_avg()
             with RssSampler(proc.pid) as rss:
                 results, wall = asyncio.run(http_level(url, model, sample, warmup, c,
@@ -665,8 +666,8 @@ def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str
                                   before, ignore_eos=ignore_eos))
 
 
-def bench_direct(run: Run, gguf: Path, prompts: Sequence[Prompt], warmup: Sequence[Prompt],
-                 s: Settings) -> None:
+def bench_direct(run: Run, gguf: Path, prompts: dict[int, list[Prompt]],
+                 warmup: Sequence[Prompt], s: Settings) -> None:
     import edgequant as eq
 
     parallel = max(s.levels)
@@ -680,8 +681,7 @@ def bench_direct(run: Run, gguf: Path, prompts: Sequence[Prompt], warmup: Sequen
             direct_level(engine, warmup[:c], c, 8)
             before = load_avg()
             with RssSampler(os.getpid()) as rss:
-                results, wall, mode = direct_level(engine, prompts[:s.n_requests(c)], c,
-                                                   s.max_tokens)
+                results, wall, mode = direct_level(engine, prompts[c], c, s.max_tokens)
             run.add_row(level_row("direct", str(gguf), c, results, wall, s, rss.summary(),
                                   before, ignore_eos=True, mode=mode))
     finally:
@@ -874,7 +874,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         "server, and other processes may have run; compare figures within this run only.", "",
         f"Prompts: {s['prompt_min_tokens']}–{s['prompt_max_tokens']}-token first human turns of "
         f"ShareGPT V3 (seed {s['seed']}); {s['max_tokens']} new tokens each, greedy; "
-        f"max({s['min_requests']}, {s['per_slot']}·c) requests per level after c warm-ups; "
+        f"max({s['min_requests']}, {s['per_slot']}·c) requests per level (other prompts at "
+        "each level) after c warm-ups; "
         f"{s['ctx']} tokens of context per slot; {s['threads']} threads. TPOT = (latency − "
         "TTFT)/(tokens − 1); output tok/s = all output tokens / the level's wall time; RSS of "
         "the server process (of this process for `direct`), sampled every 0.2 s.", ""]
@@ -912,6 +913,19 @@ def to_markdown(data: dict[str, Any]) -> str:
         met = "not measured" if t["met"] is None else "met" if t["met"] else "**missed**"
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def per_level(prompts: Sequence[Prompt], levels: Sequence[int], s: Settings
+              ) -> dict[int, list[Prompt]]:
+    """Disjoint slices of ``prompts``, one per level (a server's prompt cache never sees a
+    prompt twice); every target gets the same slice at the same level."""
+    out, i = {}, 0
+    for c in sorted(levels):
+        out[c] = list(prompts[i:i + s.n_requests(c)])
+        i += s.n_requests(c)
+    if i > len(prompts):
+        raise ValueError(f"{len(prompts)} prompts do not cover the levels' {i} requests")
+    return out
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -975,21 +989,22 @@ def main(argv: list[str] | None = None) -> int:
     if "llama-server" in s.targets and not a.llama_server.is_file():
         sys.exit(f"{a.llama_server} is missing: run benchmarks/setup_llama_server.sh first "
                  "(or leave llama-server out of --targets)")
-    levels = s.levels + (s.native_levels if "ours-native" in s.targets else ())
-    n = max(s.n_requests(c) for c in levels)
+    levels = sorted(set(s.levels) | set(s.native_levels if "ours-native" in s.targets else ()))
+    n = sum(s.n_requests(c) for c in levels)
     warm = max(levels)
     log(f"sampling {n} + {warm} ShareGPT prompts")
     vocab = LlamaCppEngine(gguf)
-    prompts = sample_prompts(load_sharegpt(), lambda t: len(vocab.tokenize(t)), n + warm,
+    sampled = sample_prompts(load_sharegpt(), lambda t: len(vocab.tokenize(t)), n + warm,
                              seed=s.seed, min_tokens=s.prompt_min_tokens,
                              max_tokens=s.prompt_max_tokens)
     vocab.close()
-    prompts, warmup = prompts[:n], prompts[n:]
+    prompts, warmup = per_level(sampled[:n], levels, s), sampled[n:]
     run = Run(a.out, s, argv)
     run.data["model"] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}
     run.data["versions"] = versions(a.llama_server if "llama-server" in s.targets else None)
-    run.data["prompts"] = {"n": len(prompts), "ids": [p.id for p in prompts],
-                           "tokens_mean": round(sum(p.tokens for p in prompts) / len(prompts), 1)}
+    run.data["prompts"] = {
+        str(c): {"ids": [p.id for p in ps], "tokens_mean": round(
+            sum(p.tokens for p in ps) / len(ps), 1)} for c, ps in prompts.items()}
     with tempfile.TemporaryDirectory(prefix="bench_serve.") as tmp:
         work = Path(tmp)
         par = max(s.levels)
@@ -1012,9 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     s.ctx), port, str(native), prompts, warmup,
                        s.native_levels, s, work)
         if s.overload and "ours" in s.targets:
-            bench_overload(run, gguf, prompts, s, work)
+            bench_overload(run, gguf, sampled[:n], s, work)
         if s.soak_requests and "ours" in s.targets:
-            bench_soak(run, gguf, prompts, s, work)
+            bench_soak(run, gguf, sampled[:n], s, work)
     run.save()
     for t in run.data["targets"]:
         log(f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a':7s} "

@@ -273,3 +273,14 @@ def test_args_refuse_prompts_that_do_not_fit_and_unknown_targets():
         bs.parse_args(["--targets", "ours,vllm"])
     s, a = bs.parse_args(["--quick"])
     assert s.levels == (1, 2) and s.n_requests(2) == 4 and s.max_tokens == 16
+
+
+def test_per_level_slices_are_disjoint_and_sized():
+    s = bs.parse_args(["--levels", "1,2,4,8"])[0]
+    ps = [bs.Prompt(str(i), f"p{i}", 2) for i in range(64)]
+    got = bs.per_level(ps, [8, 1, 4, 2], s)
+    assert {c: len(v) for c, v in got.items()} == {1: 8, 2: 8, 4: 16, 8: 32}
+    ids = [p.id for v in got.values() for p in v]
+    assert len(ids) == len(set(ids)) == 64
+    with pytest.raises(ValueError, match="do not cover"):
+        bs.per_level(ps[:63], [1, 2, 4, 8], s)
