@@ -408,10 +408,11 @@ def probe_ignore_eos(base_url: str, model: str) -> bool:
         raise
 
 
-def first_model_id(base_url: str) -> str:
+def first_model(base_url: str) -> dict[str, Any]:
+    """The first entry of ``/v1/models`` (its ``id``; ours adds ``meta``)."""
     with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as r:
         data = json.load(r)
-    return str(data["data"][0]["id"])
+    return dict(data["data"][0])
 
 
 # --- servers ----------------------------------------------------------------------------------
@@ -649,11 +650,13 @@ def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str
     t = time.perf_counter()
     with server_process(cmd, port, work / f"{target}.log", env=child_env()) as (url, proc):
         ready_s = time.perf_counter() - t
-        model = first_model_id(url)
+        card = first_model(url)
+        model = str(card["id"])
         ignore_eos = probe_ignore_eos(url, model)
         extra = {"ignore_eos": True} if ignore_eos else {}
         run.data["servers"][target] = {"command": cmd, "ready_s": round(ready_s, 1),
-                                       "model_id": model, "ignore_eos": ignore_eos,
+                                       "model_id": model, "meta": card.get("meta"),
+                                       "ignore_eos": ignore_eos,
                                        "rss_idle_mib": round((rss_bytes(proc.pid) or 0) / 2**20,
                                                              1)}
         for c in levels:
@@ -697,7 +700,7 @@ def bench_overload(run: Run, gguf: Path, prompts: Sequence[Prompt], s: Settings,
     cmd = ours_cmd(str(gguf), port, parallel, s.ctx, max_queue=queue)
     log(f"overload: {n} concurrent requests at --parallel {parallel} --max-queue {queue}")
     with server_process(cmd, port, work / "overload.log", env=child_env()) as (url, _):
-        model = first_model_id(url)
+        model = str(first_model(url)["id"])
 
         async def burst() -> tuple[list[RequestResult], list[RequestResult]]:
             client = make_client(url)
@@ -732,7 +735,7 @@ def bench_soak(run: Run, gguf: Path, prompts: Sequence[Prompt], s: Settings, wor
     cmd = ours_cmd(str(gguf), port, c, s.ctx)
     log(f"soak: {n} requests of {s.soak_max_tokens} tokens at concurrency {c}")
     with server_process(cmd, port, work / "soak.log", env=child_env()) as (url, proc):
-        model = first_model_id(url)
+        model = str(first_model(url)["id"])
         done = 0
         rss_mark: int | None = None
 
