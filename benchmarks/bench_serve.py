@@ -457,10 +457,44 @@ def server_process(cmd: Sequence[str], port: int, log: Path, env: dict[str, str]
             proc.wait()
 
 
-def ours_cmd(model: str, port: int, parallel: int, ctx: int, max_queue: int = 64) -> list[str]:
+# `edgequant serve` before the CLI command existed: the same app and model loader under uvicorn
+_APP_LAUNCHER = """
+import sys, uvicorn
+from edgequant.serve import ServedModel, create_app
+from edgequant.serve.models import open_model, parse_spec
+spec, port, parallel, queue, ctx, threads = sys.argv[1], *map(int, sys.argv[2:7])
+name, source = parse_spec(spec)
+model = ServedModel(name, loader=lambda: open_model(source, ctx, parallel, threads))
+app = create_app([model], parallel=parallel, max_queue=queue, ctx=ctx)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+def _cli_serve_options() -> set[str] | None:
+    """The parameter names of the CLI's ``serve`` command (None: the CLI has none yet)."""
+    import inspect
+
+    from edgequant.cli import app
+
+    for c in app.registered_commands:
+        if c.callback is not None and (c.name or c.callback.__name__) == "serve":
+            return set(inspect.signature(c.callback).parameters)
+    return None
+
+
+def ours_cmd(model: str, port: int, parallel: int, ctx: int, threads: int, max_queue: int = 64
+             ) -> list[str]:
+    """``edgequant serve`` (through the app and uvicorn directly while the CLI lacks it)."""
+    options = _cli_serve_options()
+    if options is None:
+        return [sys.executable, "-c", _APP_LAUNCHER, model, str(port), str(parallel),
+                str(max_queue), str(ctx), str(threads)]
+    if "threads" not in options:
+        raise RuntimeError("`edgequant serve` has no --threads: the targets would not compute "
+                           "with the same threads")
     return [sys.executable, "-m", "edgequant.cli", "serve", model, "--host", "127.0.0.1",
             "--port", str(port), "--parallel", str(parallel), "--max-queue", str(max_queue),
-            "--ctx", str(ctx)]
+            "--ctx", str(ctx), "--threads", str(threads)]
 
 
 def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int, ctx: int, threads: int
@@ -646,7 +680,7 @@ def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str
                prompts: dict[int, list[Prompt]], warmup: Sequence[Prompt],
                levels: Sequence[int], s: Settings, work: Path) -> None:
     """Every level against one server process (started once, RSS sampled over all levels)."""
-    log(f"{target}: starting {' '.join(cmd)}")
+    log(f"{target}: starting {' '.join(c if len(c) < 80 else '<launcher>' for c in cmd)}")
     t = time.perf_counter()
     with server_process(cmd, port, work / f"{target}.log", env=child_env()) as (url, proc):
         ready_s = time.perf_counter() - t
@@ -697,7 +731,7 @@ def bench_overload(run: Run, gguf: Path, prompts: Sequence[Prompt], s: Settings,
     parallel, queue = 2, 4
     n = 2 * (parallel + queue)
     port = free_port()
-    cmd = ours_cmd(str(gguf), port, parallel, s.ctx, max_queue=queue)
+    cmd = ours_cmd(str(gguf), port, parallel, s.ctx, s.threads, max_queue=queue)
     log(f"overload: {n} concurrent requests at --parallel {parallel} --max-queue {queue}")
     with server_process(cmd, port, work / "overload.log", env=child_env()) as (url, _):
         model = str(first_model(url)["id"])
@@ -732,7 +766,7 @@ def bench_soak(run: Run, gguf: Path, prompts: Sequence[Prompt], s: Settings, wor
     """``soak_requests`` short requests against ``ours``: RSS after the first 50 vs the end."""
     n, c, mark = s.soak_requests, s.soak_concurrency, min(50, s.soak_requests // 2)
     port = free_port()
-    cmd = ours_cmd(str(gguf), port, c, s.ctx)
+    cmd = ours_cmd(str(gguf), port, c, s.ctx, s.threads)
     log(f"soak: {n} requests of {s.soak_max_tokens} tokens at concurrency {c}")
     with server_process(cmd, port, work / "soak.log", env=child_env()) as (url, proc):
         model = str(first_model(url)["id"])
@@ -1018,7 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
                        port, str(gguf), prompts, warmup, s.levels, s, work)
         if "ours" in s.targets:
             port = free_port()
-            bench_http(run, "ours", ours_cmd(str(gguf), port, par, s.ctx), port, str(gguf),
+            bench_http(run, "ours", ours_cmd(str(gguf), port, par, s.ctx, s.threads), port,
+                       str(gguf),
                        prompts, warmup, s.levels, s, work)
         if "direct" in s.targets:
             bench_direct(run, gguf, prompts, warmup, s)
@@ -1027,8 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
             run.data["model"]["native"] = str(native)
             port = free_port()
             bench_http(run, "ours-native", ours_cmd(str(native), port, max(s.native_levels),
-                                                    s.ctx), port, str(native), prompts, warmup,
-                       s.native_levels, s, work)
+                                                    s.ctx, s.threads),
+                       port, str(native), prompts, warmup, s.native_levels, s, work)
         if s.overload and "ours" in s.targets:
             bench_overload(run, gguf, sampled[:n], s, work)
         if s.soak_requests and "ours" in s.targets:
