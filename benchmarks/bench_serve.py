@@ -497,12 +497,16 @@ def ours_cmd(model: str, port: int, parallel: int, ctx: int, threads: int, max_q
             "--ctx", str(ctx), "--threads", str(threads)]
 
 
-def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int, ctx: int, threads: int
-                     ) -> list[str]:
-    """llama-server with ``parallel`` slots of ``ctx`` tokens each (``-c`` is their sum)."""
+def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int, ctx: int, threads: int,
+                     extra_bufts: bool) -> list[str]:
+    """llama-server with ``parallel`` slots of ``ctx`` tokens each (``-c`` is their sum).
+
+    ``extra_bufts`` False adds ``--no-repack``: no AMX or repacked weights, as our engine
+    runs where its probe found them faulting (some VMs advertise AMX and crash on it)."""
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "-np", str(parallel), "-c", str(ctx * parallel), "--threads", str(threads),
-            "--threads-batch", str(threads), "--no-webui"]
+            "--threads-batch", str(threads), "--no-webui",
+            *([] if extra_bufts else ["--no-repack"])]
 
 
 def child_env() -> dict[str, str]:
@@ -1034,10 +1038,12 @@ def main(argv: list[str] | None = None) -> int:
     sampled = sample_prompts(load_sharegpt(), lambda t: len(vocab.tokenize(t)), n + warm,
                              seed=s.seed, min_tokens=s.prompt_min_tokens,
                              max_tokens=s.prompt_max_tokens)
+    extra_bufts = bool(vocab.extra_bufts)
     vocab.close()
     prompts, warmup = per_level(sampled[:n], levels, s), sampled[n:]
     run = Run(a.out, s, argv)
-    run.data["model"] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}
+    run.data["model"] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
+                         "llama_cpp_extra_bufts": extra_bufts}
     run.data["versions"] = versions(a.llama_server if "llama-server" in s.targets else None)
     run.data["prompts"] = {
         str(c): {"ids": [p.id for p in ps], "tokens_mean": round(
@@ -1048,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
         if "llama-server" in s.targets:
             port = free_port()
             bench_http(run, "llama-server", llama_server_cmd(a.llama_server, gguf, port, par,
-                                                             s.ctx, s.threads),
+                                                             s.ctx, s.threads, extra_bufts),
                        port, str(gguf), prompts, warmup, s.levels, s, work)
         if "ours" in s.targets:
             port = free_port()
