@@ -509,6 +509,11 @@ def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int, ctx: in
             *([] if extra_bufts else ["--no-repack"])]
 
 
+def show_cmd(cmd: Sequence[str]) -> str:
+    """A command line to print: the app launcher's source as ``<app launcher>``."""
+    return " ".join("<app launcher>" if "\n" in c else c for c in cmd)
+
+
 def child_env() -> dict[str, str]:
     """This tree's ``src`` first on the path of a server subprocess."""
     env = dict(os.environ)
@@ -684,7 +689,7 @@ def bench_http(run: Run, target: str, cmd: list[str], port: int, model_path: str
                prompts: dict[int, list[Prompt]], warmup: Sequence[Prompt],
                levels: Sequence[int], s: Settings, work: Path) -> None:
     """Every level against one server process (started once, RSS sampled over all levels)."""
-    log(f"{target}: starting {' '.join(c if len(c) < 80 else '<launcher>' for c in cmd)}")
+    log(f"{target}: starting {show_cmd(cmd)}")
     t = time.perf_counter()
     with server_process(cmd, port, work / f"{target}.log", env=child_env()) as (url, proc):
         ready_s = time.perf_counter() - t
@@ -920,11 +925,14 @@ def to_markdown(data: dict[str, Any]) -> str:
         f"{s['ctx']} tokens of context per slot; {s['threads']} threads. TPOT = (latency − "
         "TTFT)/(tokens − 1); output tok/s = all output tokens / the level's wall time; RSS of "
         "the server process (of this process for `direct`), sampled every 0.2 s.", ""]
+    if data.get("quick"):
+        lines[2:2] = ["**A `--quick` smoke run**: few requests and short replies; it shows the "
+                      "benchmark works, not where the targets stand.", ""]
     for target in dict.fromkeys(r["target"] for r in data["rows"]):
         srv = data["servers"].get(target, {})
         lines += [f"## {target}", ""]
         if srv:
-            cmd = srv["command"] if isinstance(srv["command"], str) else " ".join(srv["command"])
+            cmd = srv["command"] if isinstance(srv["command"], str) else show_cmd(srv["command"])
             lines += [f"`{cmd}` — ignore_eos {'sent' if srv.get('ignore_eos') else 'not taken'}"
                       + (f"; ready in {srv['ready_s']} s" if "ready_s" in srv else ""), ""]
         lines += ["| " + " | ".join(h for _, h in _COLUMNS) + " |",
@@ -1042,6 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab.close()
     prompts, warmup = per_level(sampled[:n], levels, s), sampled[n:]
     run = Run(a.out, s, argv)
+    run.data["quick"] = a.quick
     run.data["model"] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
                          "llama_cpp_extra_bufts": extra_bufts}
     run.data["versions"] = versions(a.llama_server if "llama-server" in s.targets else None)
