@@ -4,6 +4,14 @@ Each state owns a transformers ``DynamicCache`` (built from the model's config, 
 sliding-window layers keep only their window): states are independent tensors, and any
 number of them may be alive at once. A forward pass appends to the state's cache and asks
 the module for the last ``rows`` positions' logits only (``logits_to_keep``).
+
+A batched decode step (:meth:`TorchEngine.decode_batch`) runs the module once on B
+sequences of different lengths: a stand-in cache (:class:`_BatchCache`) hands each
+attention layer the states' keys and values left-padded to the longest, with a 4-D mask
+that hides the padding, and each row gets its own position; the new keys and values go
+into each state's own cache only after the pass succeeded, through that cache layer's own
+``update`` — so a state is afterwards what decoding alone would have made it (a sliding
+window layer keeps its window the same way).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..data.tokens import HFTextTokenizer
 from ..errors import ModelLoadError
@@ -127,6 +136,68 @@ class TorchEngine(Engine):
             logits = out.logits[0, out.logits.shape[1] - rows:]        # (rows, V)
             return logits.float().cpu().numpy()  # type: ignore[no-any-return]
 
+    def _decode_batch(self, states: list[EngineState], tokens: list[int]) -> np.ndarray:
+        """One module forward for all states (see the module's docstring); a cache this does
+        not know how to batch (or one state) decodes per state instead."""
+        sts = [s for s in states if isinstance(s, TorchState)]
+        kinds = self._batch_kinds(sts) if len(sts) == len(states) > 1 else None
+        if kinds is None:
+            return super()._decode_batch(states, tokens)
+        batch = _BatchCache([s.cache for s in sts], kinds)
+        masks = batch.masks(self.module.config._attn_implementation, self.dtype, self.device)
+        if masks is None:
+            return super()._decode_batch(states, tokens)
+        with self._compute():
+            mask: Any = masks[kinds[0]] if len(set(kinds)) == 1 else \
+                {"full_attention": masks["full"], "sliding_attention": masks["sliding"]}
+            dev = self.device
+            x = torch.tensor([[t] for t in tokens], dtype=torch.long, device=dev)
+            pos = torch.tensor([[len(s.tokens)] for s in sts], dtype=torch.long, device=dev)
+            out = self.module(input_ids=x, position_ids=pos, attention_mask=mask,
+                              past_key_values=batch, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float().cpu().numpy()
+            batch.commit()
+            return logits  # type: ignore[no-any-return]
+
+    def _batch_kinds(self, states: list[TorchState]) -> list[str] | None:
+        """Each layer's kind (``"full"`` | ``"sliding"``) when these states' caches can be
+        batched, else None: plain transformers ``DynamicCache`` layers of full attention or
+        a sliding window, under the sdpa or eager attention (whose masks this builds); a
+        model mixing both kinds must name them in ``config.layer_types`` (it then takes one
+        mask per kind)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        config = self.module.config
+        if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return None
+        kinds: list[str] | None = None
+        for st in states:
+            cache = st.cache
+            if type(cache) is not DynamicCache or cache.offloading:
+                return None
+            these = []
+            for layer in cache.layers:
+                if type(layer) is DynamicLayer:
+                    these.append("full")
+                elif type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
+                    these.append("sliding")
+                else:
+                    return None
+            if kinds is None:
+                kinds = these
+            elif these != kinds:
+                return None
+        if not kinds:
+            return None
+        if len(set(kinds)) > 1:
+            types = getattr(config.get_text_config(), "layer_types", None)
+            want = ["sliding" if t == "sliding_attention" else "full" if t == "full_attention"
+                    else t for t in (types or [])]
+            if want[:len(kinds)] != kinds:
+                return None
+        return kinds
+
     def _rewind(self, state: EngineState, n: int) -> None:
         assert isinstance(state, TorchState)
         try:
@@ -138,6 +209,97 @@ class TorchEngine(Engine):
     def _release(self, state: EngineState) -> None:
         assert isinstance(state, TorchState)
         state.cache = None
+
+
+def _cached(layer: Any) -> torch.Tensor | None:
+    """A cache layer's keys ``(1, H, T, D)``, or None while it holds nothing."""
+    keys = layer.keys if layer.is_initialized else None
+    return keys if keys is not None and keys.numel() else None
+
+
+class _BatchLayer(CacheLayerMixin):
+    """One attention layer of a batched step: the states' layers (``parts``, one per row)
+    seen as one left-padded batch. The new keys and values are held back until
+    :meth:`commit`, so a failed forward leaves every state as it was."""
+
+    def __init__(self, parts: list[Any], kind: str) -> None:
+        super().__init__()
+        self.parts = parts
+        self.is_sliding = kind == "sliding"
+        self.lengths = [0 if (k := _cached(p)) is None else int(k.shape[-2]) for p in parts]
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values attention sees: row ``i`` is state ``i``'s cached ones then
+        its new one, right-aligned in ``max(len) + 1`` columns (zeros before, masked)."""
+        self.new = (key_states, value_states)
+        b, h, _, d = key_states.shape
+        width = max(self.lengths) + 1
+        keys = key_states.new_zeros((b, h, width, d))
+        values = value_states.new_zeros((b, h, width, d))
+        for i, (part, n) in enumerate(zip(self.parts, self.lengths, strict=True)):
+            if n:
+                keys[i, :, width - 1 - n:width - 1] = part.keys[0]
+                values[i, :, width - 1 - n:width - 1] = part.values[0]
+        keys[:, :, width - 1:] = key_states
+        values[:, :, width - 1:] = value_states
+        return keys, values
+
+    def commit(self) -> None:
+        """Append each row's new key and value to its state's layer, as decoding alone."""
+        if self.new is None:
+            raise RuntimeError("a batched forward pass skipped an attention layer")
+        k, v = self.new
+        for i, part in enumerate(self.parts):
+            part.update(k[i:i + 1], v[i:i + 1])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(self.lengths) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(self.lengths)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _BatchCache(Cache):
+    """The ``past_key_values`` of one batched decode step over several states' caches."""
+
+    def __init__(self, caches: list[Any], kinds: list[str]) -> None:
+        super().__init__(layers=[_BatchLayer([c.layers[j] for c in caches], kind)
+                                 for j, kind in enumerate(kinds)])
+        self.kinds = kinds
+
+    def masks(self, attn: str, dtype: torch.dtype, device: torch.device
+              ) -> dict[str, torch.Tensor] | None:
+        """A ``(B, 1, 1, width)`` mask per layer kind: row ``i`` sees its last
+        ``len_i + 1`` columns (bool for sdpa, additive for eager); None when two layers of
+        one kind hold different lengths (one mask per kind could not serve them)."""
+        out: dict[str, torch.Tensor] = {}
+        for layer, kind in zip(self.layers, self.kinds, strict=True):
+            assert isinstance(layer, _BatchLayer)
+            lengths = torch.tensor(layer.lengths, device=device)
+            width = int(lengths.max()) + 1
+            see = torch.arange(width, device=device)[None, :] >= (width - 1 - lengths)[:, None]
+            mask = see[:, None, None, :]
+            if attn == "eager":
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(
+                    ~mask, torch.finfo(dtype).min)
+            if kind not in out:
+                out[kind] = mask
+            elif out[kind].shape != mask.shape or not torch.equal(out[kind], mask):
+                return None
+        return out
+
+    def commit(self) -> None:
+        for layer in self.layers:
+            assert isinstance(layer, _BatchLayer)
+            layer.commit()
 
 
 def _end_of_generation(module: Any, tokenizer: Any) -> frozenset[int]:
