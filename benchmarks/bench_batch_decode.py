@@ -96,13 +96,17 @@ def measure(name: str, opener: Callable[[], Any], reps: int, looped: tuple[int, 
     try:
         prompts = _prompts(engine, max(SIZES))
         _run(engine, prompts[:2], True)                       # warm-up
-        for b in SIZES:
-            for batched in (True, False) if b in looped else (True,):
-                runs = [_run(engine, prompts[:b], batched) for _ in range(reps)]
-                row = {"B": b, "mode": "batched" if batched else "looped",
-                       "tok_s": statistics.median(runs), "runs": runs}
-                out["rows"].append(row)
-                print(name, json.dumps(row), flush=True)
+        cases = [(b, batched) for b in SIZES
+                 for batched in ((True, False) if b in looped else (True,))]
+        runs: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
+        for _ in range(reps):          # interleaved: a change of load hits every case alike
+            for b, batched in cases:
+                runs[b, batched].append(_run(engine, prompts[:b], batched))
+                print(name, b, "batched" if batched else "looped",
+                      f"{runs[b, batched][-1]:.1f} tok/s", flush=True)
+        for (b, batched), r in runs.items():
+            out["rows"].append({"B": b, "mode": "batched" if batched else "looped",
+                                "tok_s": statistics.median(r), "runs": r})
     finally:
         engine.close()
     out["load_average_after"] = os.getloadavg()
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--models", default="fp32,bf16,rtn-w4g128,gguf")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--looped", default="4", help="B values also timed without batching")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and llama.cpp threads (default: torch's default, all CPUs)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "batch-decode.json")
     args = ap.parse_args()
 
@@ -126,6 +132,8 @@ def main() -> None:
     from edgequant.models import zoo
 
     looped = tuple(int(b) for b in args.looped.split(",") if b)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record: dict[str, Any] = {
         "what": f"aggregate decode tok/s of B sequences (wiki prompts of {PROMPT} tokens, "
                 f"{DECODE} decoded each, greedy, ignore_eos; median of {args.reps})",
@@ -145,7 +153,8 @@ def main() -> None:
             "fp32": lambda: eq.open("smollm2-135m"),
             "bf16": lambda: eq.open("smollm2-135m", dtype="bfloat16"),
             "rtn-w4g128": rtn,
-            "gguf": lambda: eq.open(zoo.fetch_gguf("smollm2-135m"), parallel=max(SIZES),
+            "gguf": lambda: eq.open(zoo.fetch_gguf("smollm2-135m"), threads=args.threads,
+                                    parallel=max(SIZES),
                                     n_ctx=max(SIZES) * (PROMPT + DECODE + 1)),
         }
         for name in args.models.split(","):

@@ -24,6 +24,7 @@ No torch at import: a GGUF file runs with llama.cpp and numpy alone.
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -369,19 +370,19 @@ class Engine(ABC):
                 if not gens[i].prefilled:
                     deltas[i] = _kept(gens[i], gens[i].step)
             if decoding:
-                states = [gens[i].state for i in decoding]
+                states = [st for i in decoding if (st := gens[i].state) is not None]
                 tokens = [gens[i].token_ids[-1] for i in decoding]
                 t = time.perf_counter()
                 try:
-                    logits = self.decode_batch(states, tokens)  # type: ignore[arg-type]
+                    logits = self.decode_batch(states, tokens)
                 except Exception:
                     for i in decoding:
                         deltas[i] = _kept(gens[i], gens[i].step)
                 else:
                     dt = time.perf_counter() - t
                     for row, i in enumerate(decoding):
-                        g = gens[i]
-                        deltas[i] = _kept(g, lambda g=g, row=row: g._accept(logits[row], dt))
+                        deltas[i] = _kept(gens[i], functools.partial(gens[i]._accept,
+                                                                     logits[row], dt))
         except BaseException:
             for g in gens:
                 g.close()
