@@ -124,7 +124,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and llama.cpp threads (default: torch's default, all CPUs)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "batch-decode.json")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only write the .md table again from the existing --out JSON")
     args = ap.parse_args()
+    if args.table_only:
+        _write(args.out, json.loads(args.out.read_text()))
+        return
 
     import torch
 
@@ -179,7 +184,15 @@ def _table(record: dict[str, Any]) -> str:
     lines = [f"# Batched decode: {record['what']}", "",
              f"CPU: {m['cpu']} ({m['cpus']} cores, torch threads {m['torch_threads']}), "
              f"shared with other processes; load average at start "
-             f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}.", "",
+             f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at the end "
+             f"{', '.join(f'{x:.2f}' for x in m.get('load_average_end', []))}.", "",
+             "The cases of a model run interleaved (B = 1, 2, 4, 8, looped 4; three times), so "
+             "a change of load hits each alike; the absolute speeds are those of a contended "
+             "machine, the ratios are the result. `looped`: the same B generations stepped "
+             "one at a time (B forward passes per step)." + (
+                 " With the machine this loaded, torch's two threads spin-waiting for each "
+                 "other made a step ~10× slower than one thread, so torch and llama.cpp ran "
+                 "on one thread (`--threads 1`)." if m["torch_threads"] == 1 else ""), "",
              "| model | B | mode | aggregate tok/s | × B=1 | load avg 1 min before/after |",
              "|---|---|---|---|---|---|"]
     for mod in record["models"]:
