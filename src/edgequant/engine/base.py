@@ -9,6 +9,12 @@ serves several independent requests: a state is advanced with :meth:`Engine.pref
 :class:`Generation` is one request advanced a token at a time (what a server's slot holds)
 and :meth:`Engine.generate` runs one to the end, streaming text deltas to a callback.
 
+Several independent sequences decode together: :meth:`Engine.decode_batch` appends one
+token to each of several states in one forward pass (a backend's batched pass; the default
+loops), and :meth:`Engine.step_batch` advances several generations a token each with it —
+continuous batching, as llama.cpp's server slots and vLLM do: a generation joins or leaves
+the batch at any step, its prompt evaluated on its own.
+
 Evaluation (``edgequant.eval``) measures speed and writes sample generations through this
 interface only; the backends' evaluation ``Runnable`` classes extend an engine with scoring
 (see :mod:`edgequant.backends.base`). An engine is used from one thread at a time.
@@ -18,6 +24,7 @@ No torch at import: a GGUF file runs with llama.cpp and numpy alone.
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -193,6 +200,59 @@ class Engine(ABC):
         """One decode step: append ``token``; the next-token logits row ``(V,)``."""
         return self.forward(state, [token], 1)[0]
 
+    def decode_batch(self, states: Sequence[EngineState], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step of several sequences at once: append ``tokens[i]`` to
+        ``states[i]``; the next-token logits ``(B, V)``, row ``i`` for ``states[i]``.
+
+        The states are distinct, of this engine, live, and each has room for one more
+        token. A backend computes them in one forward pass (the weights are read once for
+        all rows, which is what makes serving several requests cheaper than serving them in
+        turn); each state afterwards is as if it had decoded alone. The rows equal
+        :meth:`decode`'s to float rounding (a batched matmul may sum in another order).
+        On an error no state has advanced (where the backend can undo a partial pass).
+        """
+        states = list(states)
+        toks = [int(t) for t in tokens]
+        if len(states) != len(toks):
+            raise EngineError(f"decode_batch got {len(states)} states but {len(toks)} tokens; "
+                              "give one token per state")
+        seen: set[int] = set()
+        for i, (st, tok) in enumerate(zip(states, toks, strict=True)):
+            if id(st) in seen:
+                raise EngineError(f"state {i} appears twice in one decode_batch; a sequence "
+                                  "takes one token per step")
+            seen.add(id(st))
+            self._check_state(st)
+            if len(st.tokens) + 1 > st.capacity:
+                raise EngineError(f"state {i} is full ({st.capacity} tokens, its capacity); "
+                                  "make it with a larger capacity")
+            if not 0 <= tok < self.vocab_size:
+                raise EngineError(f"token id {tok} (state {i}) is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+        if not states:
+            return np.empty((0, self.vocab_size), dtype=np.float32)
+        out = self._decode_batch(states, toks)
+        for st, tok in zip(states, toks, strict=True):
+            st.tokens.append(tok)
+        return out
+
+    def _decode_batch(self, states: list[EngineState], tokens: list[int]) -> np.ndarray:
+        """Append ``tokens[i]`` to ``states[i]``'s cache (``state.tokens`` is the caller's);
+        logits ``(B, V)``. This default decodes them in turn; on an error the states already
+        advanced are rewound (released, where the backend cannot rewind them)."""
+        rows: list[np.ndarray] = []
+        try:
+            for st, tok in zip(states, tokens, strict=True):
+                rows.append(self._forward(st, [tok], 1)[0])
+        except BaseException:
+            for st in states[:len(rows)]:
+                try:
+                    self._rewind(st, len(st.tokens))
+                except EngineError:
+                    self.release(st)
+            raise
+        return np.stack(rows)
+
     def rewind(self, state: EngineState, n: int) -> None:
         """Keep the first ``n`` tokens of ``state`` and drop the rest from its cache (shared
         prefixes: evaluate a prefix once, then each continuation after it)."""
@@ -278,6 +338,57 @@ class Engine(ABC):
             gen.close()
         return gen.result()
 
+    def step_batch(self, generations: Sequence[Generation]) -> list[str]:
+        """Advance each active generation by one token; each one's text delta (what its
+        :meth:`Generation.step` would have returned; '' for one not active).
+
+        A generation whose prompt is not yet evaluated is prefilled on its own; all the
+        others decode together in one :meth:`decode_batch`. The tokens, text, finish reason
+        and timings' meaning are those of stepping each alone (each keeps its own sampling
+        generator; its ``decode_s`` counts the batched pass it waited for).
+
+        Errors stay with their generation: one whose step fails is closed with the
+        exception in :attr:`Generation.error` (its delta is '') and the call goes on with
+        the others. When the batched pass itself fails (it changes no state), each of its
+        generations is stepped alone, so the failure lands on the ones that cause it. An
+        interrupt (an exception that is not an ``Exception``) closes every generation of the
+        call and propagates. Finished, failed and closed generations are skipped.
+        """
+        gens = list(generations)
+        seen: set[int] = set()
+        for i, g in enumerate(gens):
+            if not isinstance(g, Generation) or g.engine is not self:
+                raise EngineError(f"generation {i} is not a Generation of this engine")
+            if id(g) in seen:
+                raise EngineError(f"generation {i} appears twice in one step_batch")
+            seen.add(id(g))
+        deltas = [""] * len(gens)
+        live = [i for i, g in enumerate(gens) if g.active]
+        decoding = [i for i in live if gens[i].prefilled]
+        try:
+            for i in live:
+                if not gens[i].prefilled:
+                    deltas[i] = _kept(gens[i], gens[i].step)
+            if decoding:
+                states = [st for i in decoding if (st := gens[i].state) is not None]
+                tokens = [gens[i].token_ids[-1] for i in decoding]
+                t = time.perf_counter()
+                try:
+                    logits = self.decode_batch(states, tokens)
+                except Exception:
+                    for i in decoding:
+                        deltas[i] = _kept(gens[i], gens[i].step)
+                else:
+                    dt = time.perf_counter() - t
+                    for row, i in enumerate(decoding):
+                        deltas[i] = _kept(gens[i], functools.partial(gens[i]._accept,
+                                                                     logits[row], dt))
+        except BaseException:
+            for g in gens:
+                g.close()
+            raise
+        return deltas
+
     def chat(self, messages: Messages, params: SamplingParams | None = None,
              on_text: Callable[[str], object] | None = None, **overrides: Any
              ) -> GenerationResult:
@@ -293,11 +404,12 @@ class Engine(ABC):
 
 
 class Generation:
-    """One request, advanced one token per :meth:`step` on its own state.
+    """One request, advanced one token per :meth:`step` on its own state (or with others by
+    :meth:`Engine.step_batch`).
 
     The cache never holds the last sampled token: it is decoded at the next step, so a
     finished generation did no wasted work. The state is released when it finishes (or on
-    :meth:`close`).
+    :meth:`close`, or when a step fails: :attr:`error` then holds the exception).
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -314,6 +426,7 @@ class Generation:
         self.limit = min(params.max_tokens, engine.max_context - n + 1)
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None
         self.prefill_s = self.decode_s = self.ttft_s = 0.0
         self._total_s = 0.0
         self._rng = new_rng(params.seed) if not params.greedy else None
@@ -331,28 +444,44 @@ class Generation:
         return self.finish_reason is not None
 
     @property
+    def active(self) -> bool:
+        """Whether it can step: not finished, failed or closed."""
+        return self.state is not None
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the prompt was evaluated (the next step decodes one token)."""
+        return bool(self.token_ids)
+
+    @property
     def text(self) -> str:
         """The text so far (what was streamed plus what is held back)."""
         return self._stops.text
 
     def step(self) -> str:
         """Sample one token; the text that became final with it ('' when none did)."""
-        if self.finished or self.state is None:
+        state = self.state
+        if self.finished or state is None:
             raise EngineError("this generation has finished")
         try:
-            return self._step(self.state)
-        except BaseException:
-            self.close()
+            t = time.perf_counter()
+            if self.prefilled:
+                logits = self.engine.decode(state, self.token_ids[-1])
+            else:
+                logits = self.engine.prefill(state, self.prompt_ids)
+            return self._accept(logits, time.perf_counter() - t)
+        except BaseException as e:
+            self._fail(e)
             raise
 
-    def _step(self, state: EngineState) -> str:
-        t = time.perf_counter()
-        if not self.token_ids:
-            logits = self.engine.prefill(state, self.prompt_ids)
-            self.prefill_s = time.perf_counter() - t
+    def _accept(self, logits: np.ndarray, seconds: float) -> str:
+        """Take the next-token logits of the forward pass that fed this generation (its
+        prompt, or its last token; ``seconds`` it took): sample, check the stops, and return
+        the text delta. :meth:`step` and :meth:`Engine.step_batch` share it."""
+        if self.prefilled:
+            self.decode_s += seconds
         else:
-            logits = self.engine.decode(state, self.token_ids[-1])
-            self.decode_s += time.perf_counter() - t
+            self.prefill_s = seconds
         tok = sample(logits, self.params, self._rng) if self._rng is not None \
             else int(np.argmax(logits))
         if not self.token_ids:
@@ -379,6 +508,11 @@ class Generation:
             self._finish(reason)
         return delta
 
+    def _fail(self, error: BaseException) -> None:
+        """A step failed: keep the error and give the state back (it may hold half a step)."""
+        self.error = error
+        self.close()
+
     def _finish(self, reason: FinishReason) -> str:
         self.finish_reason = reason
         self._total_s = time.perf_counter() - self._t0
@@ -397,3 +531,13 @@ class Generation:
         return GenerationResult(self._stops.text, list(self.token_ids), self.finish_reason,
                                 len(self.prompt_ids), len(self.token_ids), self.prefill_s,
                                 self.decode_s, self.ttft_s, self._total_s)
+
+
+def _kept(gen: Generation, step: Callable[[], str]) -> str:
+    """``step()``'s delta; an ``Exception`` fails ``gen`` alone (kept in ``gen.error``)."""
+    try:
+        return step()
+    except Exception as e:
+        if gen.error is None:
+            gen._fail(e)
+        return ""

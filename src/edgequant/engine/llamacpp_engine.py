@@ -5,8 +5,9 @@ whose unified KV cache (``kv_unified``) holds up to ``parallel`` sequences; a st
 sequence id and the tokens it has in the cache, positions ``0 … len − 1``. Decoding a token
 writes cells tagged with that sequence id only, rewinding removes the sequence's cells past a
 position (``llama_memory_seq_rm``), and releasing removes them all. This is how
-llama-server's parallel slots share one context (and what lets a later batched decode step
-several sequences in one ``llama_decode``). The cells are shared: the tokens of all live
+llama-server's parallel slots share one context, and what lets :meth:`~LlamaCppEngine.
+decode_batch` step several sequences in one ``llama_decode`` (a token per sequence, each
+with its own sequence id and position). The cells are shared: the tokens of all live
 states together must fit ``n_ctx``.
 
 The context is made when the first state needs it, sized for that state (``n_ctx`` at
@@ -315,6 +316,44 @@ class LlamaCppEngine(Engine):
                                             shape=(wanted, v))
                 lo = start + len(chunk) - wanted - first
                 out[lo:lo + wanted] = got
+        return out
+
+    def _decode_batch(self, states: list[EngineState], tokens: list[int]) -> np.ndarray:
+        """One ``llama_decode`` for all states, as llama-server's slots share a batch: token
+        ``i`` carries state ``i``'s sequence id and next position and asks for its logits.
+        (More states than the batch holds take one call per ``n_batch`` of them.)"""
+        sts = [self._own(s) for s in states]
+        used = sum(self._live.values())
+        if used + len(sts) > self.n_ctx:
+            raise EngineError(f"the context's {self.n_ctx} cells hold {used} tokens of live "
+                              f"states; {len(sts)} more do not fit: release states, or open "
+                              "the model with a larger n_ctx")
+        lib, batch = self._lib, self._batch.batch
+        v = self.vocab_size
+        out = np.empty((len(sts), v), dtype=np.float32)
+        step = self._batch._n_tokens
+        done: list[LlamaState] = []
+        for start in range(0, len(sts), step):
+            chunk = list(zip(sts[start:start + step], tokens[start:start + step], strict=True))
+            for i, (st, tok) in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = len(st.tokens)
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = st.seq_id
+                batch.logits[i] = True
+            batch.n_tokens = len(chunk)
+            rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc != 0:
+                for st in done + [st for st, _ in chunk]:   # no state keeps a part of this step
+                    self._rewind(st, len(st.tokens))
+                raise EngineError(f"llama_decode failed ({rc}"
+                                  f"{': no free KV cells' if rc == 1 else ''}) in a batched "
+                                  f"step of {len(sts)} sequences")
+            for i, (st, _) in enumerate(chunk):
+                self._live[st.seq_id] = len(st.tokens) + 1
+                out[start + i] = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx.ctx, i),
+                                                       shape=(v,))
+                done.append(st)
         return out
 
     def _rewind(self, state: EngineState, n: int) -> None:
