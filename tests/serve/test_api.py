@@ -347,3 +347,57 @@ def _get(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=2)
     except httpx.HTTPError:
         return None
+
+
+# --- log-probabilities ------------------------------------------------------------------------
+
+def test_chat_logprob_tokens_spell_the_answer_and_match_the_model(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=10,
+                                       temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)   # greedy: the top one
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+
+
+def test_first_token_logprob_is_torchs_log_softmax(client):
+    """The completion's first log-probability against torch's own log_softmax of the same
+    module on the same prompt (computed here, independently of the engine)."""
+    import torch
+
+    engine = tiny_chat_engine()
+    r = client.completions.create(model="tiny", prompt="Once", max_tokens=1, temperature=0,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    ids = torch.tensor([list(b"Once")])
+    with torch.no_grad():
+        lp = torch.log_softmax(engine.module(input_ids=ids).logits[0, -1].double(), -1)
+    best = int(lp.argmax())
+    got = r.choices[0].logprobs
+    assert got.token_logprobs[0] == pytest.approx(float(lp[best]), abs=1e-4)
+    assert got.text_offset == [0]
+
+
+def test_completion_logprobs_stop_at_the_stop_string(client):
+    r = client.completions.create(model="cycle", prompt="H", max_tokens=30, temperature=0,
+                                  stop=["wr"], logprobs=1)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text == "elo, "
+    assert lp.text_offset == [0, 1, 2, 3, 4]
+    assert len(lp.top_logprobs) == len(lp.tokens) == len(lp.token_logprobs)
+
+
+def test_streamed_logprobs_spell_the_streamed_text(client):
+    stream = client.completions.create(model="cycle", prompt="H", max_tokens=12,
+                                       temperature=0, stop=["d!H"], logprobs=0, stream=True)
+    text, tokens = "", []
+    for c in stream:
+        if c.choices:
+            text += c.choices[0].text
+            if c.choices[0].logprobs:
+                tokens += c.choices[0].logprobs.tokens
+    assert text == "elo, wr" and "".join(tokens) == text

@@ -309,9 +309,12 @@ class Engine(ABC):
     # --- generation -----------------------------------------------------------------------
 
     def start(self, prompt: Prompt, params: SamplingParams | None = None,
-              **overrides: Any) -> Generation:
-        """A :class:`Generation` of ``prompt``, not yet computed; advance it with ``step``."""
-        return Generation(self, self.encode_prompt(prompt), as_params(params, overrides))
+              logprobs: int | None = None, **overrides: Any) -> Generation:
+        """A :class:`Generation` of ``prompt``, not yet computed; advance it with ``step``.
+        ``logprobs``: record each sampled token's log-probability and that many most likely
+        alternatives (:attr:`Generation.token_logprobs`)."""
+        return Generation(self, self.encode_prompt(prompt), as_params(params, overrides),
+                          logprobs)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                  on_text: Callable[[str], object] | None = None,
@@ -412,7 +415,11 @@ class Generation:
     :meth:`close`, or when a step fails: :attr:`error` then holds the exception).
     """
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 logprobs: int | None = None) -> None:
+        if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
+            raise EngineError(f"logprobs must be an integer in [0, 20] or None, got "
+                              f"{logprobs!r}")
         if not prompt_ids:
             raise EngineError("the prompt is empty; give at least one token (BOS for none)")
         n = len(prompt_ids)
@@ -427,6 +434,14 @@ class Generation:
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
+        self.logprobs = logprobs
+        #: per sampled token (when ``logprobs`` is set): ``{"id", "text", "logprob", "top"}``
+        #: — ``text`` is what the token added to the text (the pieces of the tokens up to the
+        #: end concatenate to the output before a stop string cuts it), ``logprob`` its
+        #: log-probability under the model's distribution (before temperature, top-k and
+        #: top-p, as OpenAI and vLLM report it), ``top`` the ``logprobs`` most likely tokens
+        #: as ``{"id", "text", "logprob"}``
+        self.token_logprobs: list[dict[str, Any]] = []
         self.prefill_s = self.decode_s = self.ttft_s = 0.0
         self._total_s = 0.0
         self._rng = new_rng(params.seed) if not params.greedy else None
@@ -487,6 +502,7 @@ class Generation:
         if not self.token_ids:
             self.ttft_s = time.perf_counter() - self._t0
         self.token_ids.append(tok)
+        record = self._record(logits, tok) if self.logprobs is not None else None
         reason: FinishReason | None = None
         delta = ""
         if not self.params.ignore_eos and self.engine.is_eog(tok):
@@ -494,19 +510,41 @@ class Generation:
         elif tok in self._stop_ids:
             reason = "stop"
         else:
-            delta = self._stops.push(self._decoder.push(tok))
+            piece = self._decoder.push(tok)
+            if record is not None:
+                record["text"] = piece
+            delta = self._stops.push(piece)
             if self._stops.stopped:
                 return delta + self._finish("stop")
             if len(self.token_ids) >= self.limit:
                 reason = "length"
         if reason is not None:
             # ended without a stop string: an unfinished character and a held tail are final
-            delta += self._stops.push(self._decoder.flush())
+            rest = self._decoder.flush()
+            if rest and self.token_logprobs:
+                self.token_logprobs[-1]["text"] += rest
+            delta += self._stops.push(rest)
             delta += self._stops.flush()
             reason = "stop" if self._stops.stopped else reason
         if reason is not None:
             self._finish(reason)
         return delta
+
+    def _record(self, logits: np.ndarray, tok: int) -> dict[str, Any]:
+        """The log-probability record of the sampled ``tok`` (appended, text filled later)."""
+        x = np.asarray(logits, dtype=np.float64)
+        m = float(x.max())
+        lp = x - (m + float(np.log(np.exp(x - m).sum())))
+        k = int(self.logprobs or 0)
+        top = np.argpartition(-lp, k - 1)[:k] if 0 < k < lp.shape[0] else \
+            np.arange(lp.shape[0]) if k else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((top, -lp[top]))]
+        detok = self.engine.detokenize
+        rec = {"id": tok, "text": "", "logprob": float(lp[tok]),
+               "top": [{"id": int(i), "text": detok([int(i)]), "logprob": float(lp[i])}
+                       for i in top]}
+        self.token_logprobs.append(rec)
+        return rec
 
     def _fail(self, error: BaseException) -> None:
         """A step failed: keep the error and give the state back (it may hold half a step)."""

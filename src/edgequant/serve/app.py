@@ -399,6 +399,9 @@ class _Reply:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self._chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self._pending: list[dict[str, Any]] = []   # log-prob records not yet sent
+        self._covered = 0                          # characters the sent records spell
+        self._offset = 0                           # text_offset of the next record
 
     # --- pieces ---------------------------------------------------------------------------
 
@@ -432,9 +435,52 @@ class _Reply:
             m.tpot.labels(mid).observe((done - first) / (result.completion_tokens - 1))
         m.latency.labels(mid).observe(done - self.received)
 
+    def _take(self, upto: int, final: bool) -> list[dict[str, Any]]:
+        """The pending log-prob records whose text lies within the first ``upto`` characters
+        of the answer; at the end (``final``) the one crossing a stop string's cut is
+        clipped to it and those past the end are dropped, so the sent tokens spell the
+        answer exactly."""
+        out = []
+        while self._pending:
+            r = self._pending[0]
+            end = self._covered + len(r["text"])
+            if end > upto:
+                if not final:
+                    break
+                keep = upto - self._covered
+                if keep > 0:
+                    out.append({**r, "text": r["text"][:keep]})
+                    self._covered += keep
+                self._pending.clear()
+                break
+            out.append(r)
+            self._covered = end
+            self._pending.pop(0)
+        return out
+
+    def _logprobs(self, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """``records`` in OpenAI's shape: chat's ``content`` list, or the completions API's
+        parallel lists."""
+        if self.ticket.logprobs is None:
+            return None
+        if self.chat:
+            def entry(text: str, lp: float) -> dict[str, Any]:
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+            return {"content": [{**entry(r["text"], r["logprob"]),
+                                 "top_logprobs": [entry(a["text"], a["logprob"])
+                                                  for a in r["top"]]} for r in records]}
+        offsets = []
+        for r in records:
+            offsets.append(self._offset)
+            self._offset += len(r["text"])
+        return {"tokens": [r["text"] for r in records],
+                "token_logprobs": [r["logprob"] for r in records],
+                "top_logprobs": [{a["text"]: a["logprob"] for a in r["top"]} for r in records],
+                "text_offset": offsets}
+
     def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None,
-               **extra: Any) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+               logprobs: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
         if self.chat:
             choice["delta"] = delta
         else:
@@ -456,12 +502,17 @@ class _Reply:
     async def stream(self) -> AsyncIterator[str]:
         t = self.ticket
         ended = False      # the generation ended (done or error) rather than the client left
+        streamed = 0       # characters of the answer sent
         try:
             yield _sse(self._chunk({"role": "assistant", "content": ""} if self.chat else ""))
             while not ended:
                 ev = await t.events.get()
+                self._pending += ev.tokens
                 if ev.kind == "delta":
-                    yield _sse(self._chunk({"content": ev.text} if self.chat else ev.text))
+                    streamed += len(ev.text)
+                    yield _sse(self._chunk({"content": ev.text} if self.chat else ev.text,
+                                           logprobs=self._logprobs(self._take(streamed,
+                                                                              False))))
                     continue
                 ended = True
                 if ev.kind == "error":
@@ -470,7 +521,9 @@ class _Reply:
                 assert ev.result is not None
                 done = time.monotonic()
                 self._observe(ev.result, done)
+                rest = self._take(streamed, True)
                 yield _sse(self._chunk({} if self.chat else "", self._finish_reason(ev.result),
+                                       logprobs=self._logprobs(rest) if rest else None,
                                        timings=self._timings(ev.result, done)))
                 if self.req.include_usage:
                     yield _sse({"id": self.id, "object": self._chunk_object, "created":
@@ -497,6 +550,7 @@ class _Reply:
                         t.cancel()
                         raise APIError(499, "the client closed the connection") from None
                     continue
+                self._pending += ev.tokens
                 if ev.kind == "delta":
                     text.append(ev.text)
                 elif ev.kind == "error":
@@ -511,7 +565,8 @@ class _Reply:
         self._observe(ev.result, done)
         content = "".join(text)
         finish = self._finish_reason(ev.result)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
+                                  "logprobs": self._logprobs(self._take(len(content), True))}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:

@@ -9,9 +9,10 @@ queueing without bound (llama-server). Each loop iteration the thread:
    next iteration — one decode step, far under a second for the models served here);
 2. moves waiting tickets into free slots (each starts an engine :class:`Generation` on its
    own state, so tokens never cross between requests);
-3. advances every active slot by one token — in one batched forward pass where the engine
-   has ``step_batch`` (continuous batching: a new request joins at the next step instead of
-   waiting for the others to finish) — and sends each ticket its text delta.
+3. advances every active slot by one token with :meth:`Engine.step_batch` — the slots that
+   decode share one batched forward pass (continuous batching: a new request joins at the
+   next step instead of waiting for the others to finish) — and sends each ticket its text
+   delta.
 
 The engine is only ever touched from this thread, except under :attr:`Scheduler.lock`
 (tokenizing a prompt in a handler), because an engine is used from one thread at a time.
@@ -71,6 +72,7 @@ class Ticket:
         self.started: float | None = None
         self.first_token: float | None = None
         self.generation: Generation | None = None
+        self.sent_logprobs = 0
 
     def cancel(self) -> None:
         """Stop this request (the client went away): its slot is freed at the next step."""
@@ -111,7 +113,6 @@ class Scheduler:
         self._active: list[Ticket] = []
         self._stop = False
         self._on_step = on_step
-        self._batched = hasattr(engine, "step_batch")
         self._thread = threading.Thread(target=self._run, name=f"edgequant-{engine.name}",
                                         daemon=True)
         self._thread.start()
@@ -192,7 +193,8 @@ class Scheduler:
                 self._active.append(t)
             try:
                 with self.lock:
-                    t.generation = self.engine.start(t.prompt_ids, t.params)
+                    t.generation = self.engine.start(t.prompt_ids, t.params,
+                                                     logprobs=t.logprobs)
             except Exception as e:   # noqa: BLE001 - a bad request must not stop the thread
                 self._active.remove(t)
                 self._fail(t, 400, str(e))
@@ -205,10 +207,7 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             with self.lock:
-                if self._batched and len(gens) > 1:
-                    deltas = self.engine.step_batch(gens)  # type: ignore[attr-defined]
-                else:
-                    deltas = [g.step() for g in gens]  # type: ignore[union-attr]
+                deltas = self.engine.step_batch(gens)  # type: ignore[arg-type]
         except Exception as e:   # noqa: BLE001 - fail these requests, keep serving
             for t in tickets:
                 self._active.remove(t)
@@ -222,13 +221,28 @@ class Scheduler:
         for t, delta in zip(tickets, deltas, strict=True):
             g = t.generation
             assert g is not None
+            if g.error is not None:        # this one failed alone; the others went on
+                self._active.remove(t)
+                self._fail(t, 500, f"generation failed: {type(g.error).__name__}: "
+                                   f"{g.error}")
+                continue
             if t.first_token is None:
                 t.first_token = now
-            if delta:
-                t._send(Event("delta", text=delta))
+            if delta or (t.logprobs is not None and g.token_logprobs):
+                t._send(Event("delta", text=delta, tokens=self._new_logprobs(t)))
             if g.finished:
                 self._active.remove(t)
-                t._send(Event("done", result=g.result()))
+                t._send(Event("done", result=g.result(), tokens=self._new_logprobs(t)))
+
+    @staticmethod
+    def _new_logprobs(t: Ticket) -> list[dict[str, Any]]:
+        """The log-probability records of the tokens sampled since the last event."""
+        g = t.generation
+        if t.logprobs is None or g is None:
+            return []
+        new = g.token_logprobs[t.sent_logprobs:]
+        t.sent_logprobs = len(g.token_logprobs)
+        return new
 
     def _fail(self, t: Ticket, status: int, message: str) -> None:
         t._send(Event("error", status=status, message=message))
