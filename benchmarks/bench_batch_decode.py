@@ -20,6 +20,8 @@ without batching, for comparison.
     python benchmarks/bench_batch_decode.py     # writes benchmarks/results/batch-decode.{json,md}
 
 The machine is shared: the load average before and after each model is recorded.
+``batch-decode-contended.*`` is the same run with ``--threads 1`` while other processes
+held the load at 5–17 on the 2 cores.
 """
 
 from __future__ import annotations
@@ -187,8 +189,8 @@ def _table(record: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at the end "
              f"{', '.join(f'{x:.2f}' for x in m.get('load_average_end', []))}.", "",
              "The cases of a model run interleaved (B = 1, 2, 4, 8, looped 4; three times), so "
-             "a change of load hits each alike; the absolute speeds are those of a contended "
-             "machine, the ratios are the result. `looped`: the same B generations stepped "
+             "a change of load hits each alike (this run's own threads count in the load "
+             "average). `looped`: the same B generations stepped "
              "one at a time (B forward passes per step)." + (
                  " With the machine this loaded, torch's two threads spin-waiting for each "
                  "other made a step ~10× slower than one thread, so torch and llama.cpp ran "

@@ -97,6 +97,22 @@ def test_batched_rows_equal_per_state_rows_in_one_forward(engine):
     _check_continues_alone(engine, batched, alone, atol=ATOL)
 
 
+def test_states_leave_rewind_and_rejoin_the_batch(engine):
+    """Between batched steps a state may decode alone, be rewound, leave, or come back in
+    another order: each batched step still sees exactly each state's own cache."""
+    batched, alone = _twins(engine, _prompts(3))
+    _check_rows(engine, batched, alone, steps=3, atol=ATOL)
+    for group in (batched, alone):
+        engine.decode(group[0], 11)
+        engine.rewind(group[1], len(group[1]) - 2)
+    _check_rows(engine, batched, alone, steps=2, atol=ATOL)
+    order = [2, 0, 1]
+    _check_rows(engine, [batched[i] for i in order], [alone[i] for i in order], steps=2,
+                atol=ATOL, seed=2)
+    _check_rows(engine, batched[1:], alone[1:], steps=2, atol=ATOL, seed=3)
+    _check_continues_alone(engine, batched, alone, atol=ATOL)
+
+
 def test_an_empty_state_and_a_batch_of_one(engine):
     empty, twin = engine.new_state(), engine.new_state()
     full, full_twin = _twins(engine, _prompts(1))

@@ -6,12 +6,18 @@ number of them may be alive at once. A forward pass appends to the state's cache
 the module for the last ``rows`` positions' logits only (``logits_to_keep``).
 
 A batched decode step (:meth:`TorchEngine.decode_batch`) runs the module once on B
-sequences of different lengths: a stand-in cache (:class:`_BatchCache`) hands each
-attention layer the states' keys and values left-padded to the longest, with a 4-D mask
-that hides the padding, and each row gets its own position; the new keys and values go
-into each state's own cache only after the pass succeeded, through that cache layer's own
-``update`` — so a state is afterwards what decoding alone would have made it (a sliding
-window layer keeps its window the same way).
+sequences of different lengths: a stand-in cache hands each attention layer the states'
+keys and values left-padded to the longest, a 4-D mask hides the padding, and each row
+gets its own position. Full-attention models (Llama, SmolLM2) keep the padded batch in an
+arena between steps (:class:`_Arena`: a step writes one column, and each state's cache
+holds a view of its row — no copies while the batch stays the same); models with sliding
+window layers (Gemma 3) pad anew each step (:class:`_BatchCache`) and append the new keys
+and values through each state's own cache layer after the pass, so a window is kept as
+decoding alone keeps it. Either way a state afterwards holds what decoding alone would
+have made, and a failed pass changes no state. Masked attention shares grouped-query
+heads inside ``scaled_dot_product_attention`` (transformers' sdpa copies them per query
+head whenever there is a mask). Other caches, and attention other than sdpa or eager,
+decode per state.
 """
 
 from __future__ import annotations
