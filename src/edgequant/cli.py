@@ -474,6 +474,8 @@ def serve_cmd(
                                   "included."),
     kernels: str | None = typer.Option(None, help="Native models: the kernel choice "
                                        "(auto, reference or a kernel's name)."),
+    dtype: str = typer.Option("auto", help="Torch models compute in: auto (bfloat16 where "
+                              "the CPU has it natively), bfloat16 or float32."),
 ) -> None:
     """Serve models over an OpenAI-compatible API, with a chat page and an arena at /."""
     import threading
@@ -487,7 +489,7 @@ def serve_cmd(
         specs = [parse_spec(m) for m in models]
         measured = results_for(results, [src for _, src in specs]) if results else {}
         served = [ServedModel(mid, loader=lambda src=src: open_model(src, ctx, parallel,
-                                                                     threads, kernels),
+                                                                     threads, kernels, dtype),
                               meta={"source": src, **measured.get(src, {})})
                   for mid, src in specs]
         return create_app(served, api_key=api_key, parallel=parallel, max_queue=max_queue,

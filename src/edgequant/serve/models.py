@@ -67,10 +67,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def open_model(source: str, ctx: int, parallel: int, threads: int | None = None,
-               kernels: str | None = None) -> Engine:
-    """The engine of ``source``: a ``.gguf`` file with llama.cpp (one context of
-    ``ctx × parallel`` cells, ``parallel`` sequences — llama-server's ``-c``/``-np``), or
-    anything ``eq.open`` runs in torch (a native artifact, a zoo name, an HF folder)."""
+               kernels: str | None = None, dtype: str = "auto") -> Engine:
+    """The engine of ``source`` as a server runs it.
+
+    A ``.gguf`` file runs in llama.cpp with one context of ``ctx × parallel`` cells and
+    ``parallel`` sequences (llama-server's ``-c``/``-np``). Anything else (a native
+    artifact, a zoo name, an HF folder) runs in torch in ``dtype`` — ``auto``: bfloat16
+    where the CPU multiplies it natively, so 4-bit layers run on the fused int4 kernel
+    instead of dequantizing every weight per token — with ``kernels`` (default ``auto``)."""
     from ..backends.base import engine_of, open_runnable
 
     if str(source).lower().endswith(".gguf"):
@@ -79,7 +83,7 @@ def open_model(source: str, ctx: int, parallel: int, threads: int | None = None,
         runnable = open_runnable(source, threads=threads, n_ctx=ctx * parallel,
                                  parallel=parallel)
     else:
-        opts: dict[str, Any] = {"threads": threads}
+        opts: dict[str, Any] = {"threads": threads, "dtype": dtype}
         if kernels is not None:
             opts["kernels"] = kernels
         runnable = open_runnable(source, backend="torch", **opts)

@@ -85,6 +85,25 @@ class Ticket:
             self.cancelled = True
 
 
+def _deliver(events: list[tuple[Ticket, Event]]) -> None:
+    """Hand a step's events to their handlers with one wake-up per event loop (a wake-up
+    per slot per token costs the engine's threads CPU time on a small machine)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]] = {}
+    for t, ev in events:
+        by_loop.setdefault(t.loop, []).append((t, ev))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:   # the loop has closed: nobody is listening
+            for t, _ in items:
+                t.cancelled = True
+
+
+def _put_all(items: list[tuple[Ticket, Event]]) -> None:
+    for t, ev in items:
+        t.events.put_nowait(ev)
+
+
 class QueueFull(Exception):
     """The scheduler's waiting queue is at capacity."""
 
@@ -218,6 +237,7 @@ class Scheduler:
         if self._on_step is not None:
             self._on_step(len(tickets), time.perf_counter() - t0)
         now = time.monotonic()
+        out: list[tuple[Ticket, Event]] = []   # sent together: one wake-up of the event loop
         for t, delta in zip(tickets, deltas, strict=True):
             g = t.generation
             assert g is not None
@@ -229,10 +249,11 @@ class Scheduler:
             if t.first_token is None:
                 t.first_token = now
             if delta or (t.logprobs is not None and g.token_logprobs):
-                t._send(Event("delta", text=delta, tokens=self._new_logprobs(t)))
+                out.append((t, Event("delta", text=delta, tokens=self._new_logprobs(t))))
             if g.finished:
                 self._active.remove(t)
-                t._send(Event("done", result=g.result(), tokens=self._new_logprobs(t)))
+                out.append((t, Event("done", result=g.result(), tokens=self._new_logprobs(t))))
+        _deliver(out)
 
     @staticmethod
     def _new_logprobs(t: Ticket) -> list[dict[str, Any]]:
