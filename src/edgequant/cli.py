@@ -480,8 +480,11 @@ def serve_cmd(
     """Serve models over an OpenAI-compatible API, with a chat page and an arena at /."""
     import threading
 
-    import uvicorn
-
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        _fail(EdgequantError(f"serving needs {e.name}: pip install 'edgequant[serve]'"))
     from .serve import ServedModel, create_app
     from .serve.models import open_model, parse_spec, results_for
 
