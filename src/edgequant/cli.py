@@ -478,6 +478,7 @@ def serve_cmd(
                               "the CPU has it natively), bfloat16 or float32."),
 ) -> None:
     """Serve models over an OpenAI-compatible API, with a chat page and an arena at /."""
+    import functools
     import threading
 
     try:
@@ -491,8 +492,8 @@ def serve_cmd(
     def build() -> tuple[Any, list[ServedModel]]:
         specs = [parse_spec(m) for m in models]
         measured = results_for(results, [src for _, src in specs]) if results else {}
-        served = [ServedModel(mid, loader=lambda src=src: open_model(src, ctx, parallel,
-                                                                     threads, kernels, dtype),
+        served = [ServedModel(mid, loader=functools.partial(open_model, src, ctx, parallel,
+                                                            threads, kernels, dtype),
                               meta={"source": src, **measured.get(src, {})})
                   for mid, src in specs]
         return create_app(served, api_key=api_key, parallel=parallel, max_queue=max_queue,

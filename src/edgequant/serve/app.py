@@ -85,8 +85,11 @@ class Server:
                 continue
             m.meta["n_ctx"] = self.context_of(engine)
             batch = self.metrics.batch.labels(m.id)
+
+            def observe(n: int, _seconds: float, batch: Any = batch) -> None:
+                batch.observe(n)
             self.schedulers[m.id] = Scheduler(engine, self.parallel, self.max_queue,
-                                              on_step=lambda n, _s, b=batch: b.observe(n))
+                                              on_step=observe)
             self.metrics.slots.labels(m.id).set(self.parallel)
         self.loaded.set()
 
