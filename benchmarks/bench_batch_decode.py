@@ -38,20 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgequant.comparison.runner import cpu_model
+
 ROOT = Path(__file__).resolve().parent
 PROMPT = 64
 DECODE = 64
 SIZES = (1, 2, 4, 8)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _prompts(engine: Any, n: int) -> list[list[int]]:
@@ -144,7 +136,8 @@ def main() -> None:
     record: dict[str, Any] = {
         "what": f"aggregate decode tok/s of B sequences (wiki prompts of {PROMPT} tokens, "
                 f"{DECODE} decoded each, greedy, ignore_eos; median of {args.reps})",
-        "machine": {"cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_model() or platform.processor(),
+                    "cpus": len(os.sched_getaffinity(0)),
                     "python": sys.version.split()[0], "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "load_average_start": os.getloadavg()},

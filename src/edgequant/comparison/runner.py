@@ -561,11 +561,12 @@ def host_info() -> dict[str, Any]:
         load = None
     return {"hostname": platform.node(), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(),
-            "python": sys.version.split()[0], "cpus": cpus, "cpu_model": _cpu_model(),
+            "python": sys.version.split()[0], "cpus": cpus, "cpu_model": cpu_model(),
             "mem_gb": _mem_gb(), "loadavg": load}
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

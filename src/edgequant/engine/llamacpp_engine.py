@@ -284,11 +284,7 @@ class LlamaCppEngine(Engine):
 
     def _forward(self, state: EngineState, ids: Sequence[int], rows: int) -> np.ndarray:
         st = self._own(state)
-        used = sum(self._live.values())
-        if used + len(ids) > self.n_ctx:
-            raise EngineError(f"the context's {self.n_ctx} cells hold {used} tokens of live "
-                              f"states; {len(ids)} more do not fit: release states, or open "
-                              "the model with a larger n_ctx")
+        self._check_room(len(ids))
         lib, batch = self._lib, self._batch.batch
         v, n0, first = self.vocab_size, len(state.tokens), len(ids) - rows
         out = np.empty((rows, v), dtype=np.float32)
@@ -323,11 +319,7 @@ class LlamaCppEngine(Engine):
         ``i`` carries state ``i``'s sequence id and next position and asks for its logits.
         (More states than the batch holds take one call per ``n_batch`` of them.)"""
         sts = [self._own(s) for s in states]
-        used = sum(self._live.values())
-        if used + len(sts) > self.n_ctx:
-            raise EngineError(f"the context's {self.n_ctx} cells hold {used} tokens of live "
-                              f"states; {len(sts)} more do not fit: release states, or open "
-                              "the model with a larger n_ctx")
+        self._check_room(len(sts))
         lib, batch = self._lib, self._batch.batch
         v = self.vocab_size
         out = np.empty((len(sts), v), dtype=np.float32)
@@ -355,6 +347,14 @@ class LlamaCppEngine(Engine):
                                                        shape=(v,))
                 done.append(st)
         return out
+
+    def _check_room(self, n: int) -> None:
+        """The shared context must have ``n`` free cells beside the live states' tokens."""
+        used = sum(self._live.values())
+        if used + n > self.n_ctx:
+            raise EngineError(f"the context's {self.n_ctx} cells hold {used} tokens of live "
+                              f"states; {n} more do not fit: release states, or open "
+                              "the model with a larger n_ctx")
 
     def _rewind(self, state: EngineState, n: int) -> None:
         st = self._own(state)
