@@ -128,3 +128,46 @@ def test_from_quantized_layer_starts_at_its_codes(tiny_llama):
     fq = FakeQuantLinear.from_layer(ql)
     assert torch.equal(fq.to_quantized().codes, ql.quantized().codes)
     assert torch.equal(fq.fake_weight()[0], ql.dequantized_weight())
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w3g32-asym"])
+def test_latent_init_keeps_codes_and_the_float_weight_inside_its_cell(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(16, 96) * 0.05
+    qt = eq.formats.quantize_tensor(w, scheme)
+    # GPTQ-like: some codes differ from rounding the float weight (error compensation)
+    codes = qt.unpacked_codes().clone()
+    flip = torch.rand(codes.shape) < 0.2
+    codes[flip] = (codes[flip].int() + 1).clamp(max=(1 << qt.scheme.bits) - 1).to(codes.dtype)
+    from edgequant.formats.base import group, ungroup
+    from edgequant.formats.tensor import QuantizedTensor
+    moved = QuantizedTensor.from_codes(group(codes, qt.scheme), qt.params(), qt.scheme, qt.shape)
+    for base in (qt, moved):
+        fq = FakeQuantLinear.from_layer(QuantLinear(base, None), float_weight=w)
+        assert torch.equal(fq.to_quantized().unpacked_codes(), base.unpacked_codes())
+        latent = fq.weight.detach()
+        # where rounding the float weight gives the stored code it is kept (up to the 1% cell
+        # margin); elsewhere it sits at the stored code's cell edge nearest the float weight
+        step = ungroup(group(torch.ones_like(w), qt.scheme) * qt.params()["scales"],
+                       tuple(w.shape))
+        err = (latent - w).abs() / step
+        same = base.unpacked_codes() == qt.unpacked_codes()
+        assert float(err[same].max()) <= 0.0101
+        if (~same).any():
+            assert float(err[~same].min()) > 0.0 and float(err[~same].max()) <= 1.0101
+    fq0 = FakeQuantLinear.from_layer(QuantLinear(qt, None))
+    assert torch.equal(fq0.weight.detach(), qt.dequantize())   # no float weight: the grid
+
+
+def test_scales_learn_at_their_own_rate(tiny_llama):
+    from edgequant.finetuning.loop import LR_MULT, _param_groups
+
+    q = eq.quantize(Model(copy.deepcopy(tiny_llama), None, {}), "rtn", "w4g32",
+                    keep_dtype="float32")
+    names = [n for n, m in q.module.named_modules() if isinstance(m, QuantLinear)]
+    prepare(q.module, dict.fromkeys(names), scale_lr_mult=0.1)
+    params = {n: p for n, p in q.module.named_parameters() if p.requires_grad}
+    groups = {g[LR_MULT]: g["params"] for g in _param_groups(params)}
+    assert set(groups) == {0.1, 1.0}
+    assert {id(p) for p in groups[0.1]} == {id(p) for n, p in params.items()
+                                            if n.endswith(".scales")}

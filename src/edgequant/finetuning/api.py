@@ -54,6 +54,8 @@ class FinetuneConfig:
         scheme: how a *float* source is quantized first (qlora: always ``nf4-dq``).
         keep_dtype: the result's unquantized tensors (as ``eq.quantize``'s).
         learn_scales: qat/lr-qat: train the scales (LSQ) too.
+        scale_lr_mult: their learning rate relative to ``lr`` (Adam moves a parameter by about
+            ``lr`` a step whatever its size; a scale is ~0.01).
         lrqat_rank, lrqat_alpha: LR-QAT's low-rank update.
         prilora_min, prilora_max, prune_every, prune_ratio: PRILoRA's ranks and pruning.
         merge: lora methods: a recipe (``rtn``, ``gptq``, …) to re-quantize the merged float
@@ -69,6 +71,7 @@ class FinetuneConfig:
     scheme: str = "w4g128"
     keep_dtype: str = "float16"
     learn_scales: bool = True
+    scale_lr_mult: float = 0.1
     lrqat_rank: int = 16
     lrqat_alpha: float = 16.0
     prilora_min: int = 4
@@ -207,7 +210,7 @@ class _Run:
         base, teacher_model = self._base_and_teacher(src, teacher)
         data = build_data(cfg.data, base.tokenizer)
         torch.manual_seed(cfg.train.seed)
-        extra = self._attach(base)
+        extra = self._attach(base, teacher_model)
         objective = Distillation(teacher_model.module, cfg.temperature) \
             if cfg.resolved_objective == "kd" else CrossEntropy()
         assert base.recipe is not None
@@ -261,7 +264,7 @@ class _Run:
         scheme = QLORA_SCHEME if cfg.method == "qlora" else cfg.scheme
         return quantize(src, "rtn", scheme, keep_dtype=cfg.keep_dtype), t
 
-    def _attach(self, base: Any) -> Any:
+    def _attach(self, base: Any, teacher: Any) -> Any:
         cfg = self.cfg
         module: nn.Module = base.module
         if cfg.method in LORA_METHODS:
@@ -288,7 +291,8 @@ class _Run:
             round_kept_tensors(module, cfg.keep_dtype, skip={f"{n}.weight" for n in plan})
         low_rank = cfg.lrqat_rank if cfg.method == "lr-qat" else None
         layers_q = prepare(module, plan, learn_scales=cfg.learn_scales, low_rank=low_rank,
-                           alpha=cfg.lrqat_alpha)
+                           alpha=cfg.lrqat_alpha, scale_lr_mult=cfg.scale_lr_mult,
+                           float_module=None if teacher is None else teacher.module)
         n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.info["trainable"] = {"params": n, "layers": len(layers_q)}
         return None

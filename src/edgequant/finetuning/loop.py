@@ -3,7 +3,9 @@ schedule, gradient accumulation and clipping, seeded, with checkpoints a user ca
 
 The loop knows nothing of LoRA or QAT: it trains the parameters of ``module`` that require
 grad, on batches from a :class:`BatchSource` (batch ``i`` is a pure function of ``i``, so the
-data position is one integer), under an ``objective(module, batch) -> (loss, tokens)``.
+data position is one integer), under an ``objective(module, batch) -> (loss, tokens)``. A
+parameter with an ``lr_mult`` attribute learns at ``lr × lr_mult`` (QAT's scales: Adam moves
+every parameter by about ``lr`` a step, which is a large relative change for a 0.01 scale).
 
 Checkpoints (``OUT/checkpoint/``, replaced atomically every ``save_every`` steps, on Ctrl-C and
 at the end) hold everything the next step depends on — nothing is pickled:
@@ -43,6 +45,7 @@ from ..io_utils import atomic_dir, atomic_file
 from ..progress import Progress, no_progress
 
 CHECKPOINT = "checkpoint"
+LR_MULT = "lr_mult"  # a Parameter attribute: its learning rate is ``lr × lr_mult``
 SCHEDULES = ("cosine", "constant")
 
 
@@ -168,6 +171,14 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _param_groups(params: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
+    """One AdamW group per learning-rate multiplier (a parameter's ``lr_mult`` attribute)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params.values():
+        groups.setdefault(float(getattr(p, LR_MULT, 1.0)), []).append(p)
+    return [{"params": ps, LR_MULT: m} for m, ps in sorted(groups.items())]
+
+
 def train(module: nn.Module, objective: Objective, data: BatchSource, config: TrainConfig,
           out: str | Path, *, extra: Stateful | None = None, progress: Progress = no_progress,
           on_step: Callable[[StepRecord], None] | None = None,
@@ -185,7 +196,7 @@ def train(module: nn.Module, objective: Objective, data: BatchSource, config: Tr
     params = trainable_parameters(module)
     identity = {"train": config.to_dict(), "data": data.describe(), **(run_info or {})}
     torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas,
+    opt = torch.optim.AdamW(_param_groups(params), lr=config.lr, betas=config.betas,
                             eps=config.eps, weight_decay=config.weight_decay)
     result = TrainResult(0, 0)
     ckpt = out / CHECKPOINT
@@ -239,7 +250,7 @@ def _one_step(module: nn.Module, objective: Objective, data: BatchSource, config
     t0 = time.perf_counter()
     lr = config.lr_at(step)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g[LR_MULT]
     opt.zero_grad(set_to_none=True)
     total, tokens = 0.0, 0
     for j in range(config.grad_accum):

@@ -72,6 +72,28 @@ def fake_quantize_grouped(u: torch.Tensor, s: torch.Tensor, params: dict[str, to
     return w_hat, q.to(torch.uint8)
 
 
+def latent_in_cells(float_weight: torch.Tensor, qt: QuantizedTensor,
+                    margin: float = 0.01) -> torch.Tensor:
+    """The float weight nearest ``float_weight`` that rounds to ``qt``'s codes.
+
+    Why: QAT from the dequantized codes starts every latent weight at its grid point, half a
+    step from any boundary, so Adam at a fine-tuning learning rate flips almost no code. The
+    unquantized weight keeps what rounding threw away (how close each weight is to the next
+    code); clamping it into its code's cell, ``[q − ½ + margin, q + ½ − margin]`` in code
+    space, keeps the base's codes exactly (RTN's are already there; GPTQ's compensations are
+    kept) while the latent weights that were near a boundary stay near it.
+    """
+    if tuple(float_weight.shape) != tuple(qt.shape):
+        raise SchemeError(f"the unquantized weight has shape {tuple(float_weight.shape)}, the "
+                          f"quantized layer {tuple(qt.shape)}")
+    params = qt.params()
+    z = _zero(params, qt.scheme)
+    q = group(qt.unpacked_codes().to(torch.float32), qt.scheme)
+    u = group(float_weight.detach().to(torch.float32), qt.scheme) / params["scales"] + z
+    u = torch.minimum(torch.maximum(u, q - 0.5 + margin), q + 0.5 - margin)
+    return ungroup((u - z) * params["scales"], tuple(qt.shape))
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer whose float weight is fake-quantized in every forward (see module doc).
 
@@ -99,16 +121,20 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def from_layer(cls, layer: nn.Module, scheme: QuantScheme | None = None,
-                   learn_scales: bool = True, where: str = "") -> FakeQuantLinear:
+                   learn_scales: bool = True, where: str = "",
+                   float_weight: torch.Tensor | None = None) -> FakeQuantLinear:
         """From a float ``nn.Linear`` (RTN's scales under ``scheme``) or a ``QuantLinear``
-        (its own codes' values and scales: GPTQ/AWQ's choices are the starting point)."""
+        (its own codes and scales: GPTQ/AWQ's choices are the starting point; the latent
+        weight is ``float_weight`` moved into those codes' cells, see :func:`latent_in_cells`,
+        or the dequantized codes without it)."""
         if isinstance(layer, QuantLinear):
             qt = layer.quantized()
             if qt.g_idx is not None:
                 raise SchemeError(f"{where}: act-order (g_idx) layers cannot be fake-quantized "
                                   f"in place; quantize the source without act_order")
             check_qat_scheme(qt.scheme, where)
-            return cls(qt.dequantize(), layer.bias, qt.scheme, qt.params(), learn_scales)
+            w = qt.dequantize() if float_weight is None else latent_in_cells(float_weight, qt)
+            return cls(w, layer.bias, qt.scheme, qt.params(), learn_scales)
         if not isinstance(layer, nn.Linear):
             raise SchemeError(f"{where}: {type(layer).__name__} cannot be fake-quantized "
                               f"(nn.Linear or QuantLinear)")
@@ -179,20 +205,31 @@ class LRQATLinear(FakeQuantLinear):
 
 def prepare(module: nn.Module, layers: dict[str, QuantScheme | None], *,
             learn_scales: bool = True, low_rank: int | None = None,
-            alpha: float | None = None) -> dict[str, FakeQuantLinear]:
+            alpha: float | None = None, scale_lr_mult: float = 1.0,
+            float_module: nn.Module | None = None) -> dict[str, FakeQuantLinear]:
     """Replace each named layer by its fake-quantized twin (a ``None`` scheme: the
-    ``QuantLinear``'s own). Everything else is frozen. ``low_rank`` selects LR-QAT."""
+    ``QuantLinear``'s own). Everything else is frozen. ``low_rank`` selects LR-QAT.
+
+    ``float_module``: the unquantized model, whose weights (same layer names) start the latent
+    weights of quantized layers (:func:`latent_in_cells`). ``scale_lr_mult``: the scales'
+    learning rate relative to the weights' (the loop's ``lr_mult``).
+    """
     for p in module.parameters():
         p.requires_grad_(False)
     out: dict[str, FakeQuantLinear] = {}
     for name, scheme in layers.items():
         layer = module.get_submodule(name)
-        fq = FakeQuantLinear.from_layer(layer, scheme, learn_scales, where=name)
+        fw = None
+        if float_module is not None and isinstance(layer, QuantLinear):
+            fw = float_module.get_submodule(name).weight
+        fq = FakeQuantLinear.from_layer(layer, scheme, learn_scales, where=name,
+                                        float_weight=fw)
         if low_rank is not None:
             w = fq.weight.detach()
             params = {**fq._params(), "scales": fq.scales.detach()}
             fq = LRQATLinear(w, fq.bias, fq.scheme, params, learn_scales, low_rank,
                              alpha if alpha is not None else float(low_rank))
+        fq.scales.lr_mult = scale_lr_mult  # type: ignore[attr-defined]
         replace_module(module, name, fq)
         out[name] = fq
     return out
