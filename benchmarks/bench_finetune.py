@@ -4,6 +4,12 @@ Rows (issue 12's table): for each base — RTN ``w4g128`` and GPTQ ``w3g128`` �
 base untouched, then QAT + KD, LR-QAT, LoRA (distillation) and PRILoRA, each trained on the
 held-out half of ``wiki`` (see ``edgequant.finetuning.data``) for the same token budget; LoRA
 rows are also merged into a float copy and re-quantized by the base's own method (``+merge``).
+Then the peers at the same data, budget, objective and loop (``benchmarks/finetune_peers.py``):
+``rtn:torchao-qat`` (torchao's QAT from the fp32 model, int4 symmetric per group, measured
+after convert; torchao needs the group to divide 576, so g64 where ours is g128 — the row's
+``notes`` say which) against ``rtn:qat``; and NF4 + double quant: ``nf4:base`` (ours,
+``eq.quantize(model, "rtn", "nf4-dq")``), ``nf4:qlora`` (ours, ``eq.finetune(fp32, "qlora")``)
+and ``nf4:peft-qlora`` (bitsandbytes NF4-dq + peft LoRA r16 on q/k/v/o).
 Each row runs in a fresh Python process, so its peak RSS (``VmHWM``) is its own.
 
 Measured per row with the project's yardstick (``eq.evaluate``): perplexity, KL divergence and
@@ -15,9 +21,11 @@ the fraction of the base's KLD the method removed: ``(KLD_base − KLD_row) / KL
     python benchmarks/bench_finetune.py                                # every row, 300k tokens
     python benchmarks/bench_finetune.py --only rtn:qat,rtn:lora        # some rows
     python benchmarks/bench_finetune.py --max-steps 2 --seq-len 64 --out /tmp/ft.json  # smoke
+    python benchmarks/bench_finetune.py --only rtn:qat --lr qat=2e-5                   # tune
 
 Results: ``benchmarks/results/finetune.json`` and ``finetune.md``, rewritten after each row.
-Not yet here: the peers (torchao QAT, peft + bitsandbytes QLoRA) at the same budget.
+An existing ``--out`` is merged: rows not run this time are kept (each row records its own
+budget and learning rate), rows run again are replaced, in the order of ``ROWS``.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
-BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128")}
+BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128"), "nf4": ("rtn", "nf4-dq")}
 METHODS = ("base", "qat", "lr-qat", "lora", "prilora")
-ROWS = tuple(f"{b}:{m}" for b in BASES for m in METHODS)
+PEERS = ("torchao-qat", "peft-qlora")
+ROWS = (tuple(f"{b}:{m}" for b in ("rtn", "gptq") for m in METHODS)
+        + ("rtn:torchao-qat", "nf4:base", "nf4:qlora", "nf4:peft-qlora"))
 
 _CHILD = """\
 import json, sys, time
@@ -66,18 +76,32 @@ def measure(model):
             if req["chat_eval"] else None}
 
 base_dir = req["work"] + "/base-" + req["base"]
-if not is_artifact(base_dir):
+if req["method"] in ("base", "qat", "lr-qat", "lora", "prilora") and not is_artifact(base_dir):
     eq.quantize(req["model"], req["recipe"], req["scheme"]).save(base_dir, force=True)
 t0 = time.perf_counter()
-out = {"row": req["row"]}
+out = {"row": req["row"], "lr": req["lr"].get(req["method"]), "budget": req["budget"],
+       "seq_len": req["seq_len"], "batch_size": req["batch_size"]}
 if req["method"] == "base":
-    out.update(measure(eq.load(base_dir)), train_tokens=0)
+    out.update(measure(eq.load(base_dir)), train_tokens=0, lr=None)
+elif req["method"] in ("torchao-qat", "peft-qlora"):
+    sys.path.insert(0, req["bench_dir"])
+    from finetune_peers import train_peer
+    p = train_peer(req["method"], eq.load(req["model"]), req["work"] + "/" +
+                   req["row"].replace(":", "-"), lr=req["lr"][req["method"]],
+                   seq_len=req["seq_len"], batch_size=req["batch_size"],
+                   save_every=req["save_every"], max_steps=req["max_steps"] or None,
+                   max_tokens=None if req["max_steps"] else req["max_tokens"])
+    t = p.result
+    out.update(train_tokens=t.tokens, train_s=t.seconds, tokens_per_s=t.tokens / t.seconds,
+               peak_rss_train_mb=p.peak_rss_train_mb, notes=p.notes)
+    out.update(measure(p.model))
 else:
     budget = {"max_steps": req["max_steps"]} if req["max_steps"] else \\
         {"max_tokens": req["max_tokens"]}
-    lora = req["method"] in ("lora", "prilora")
+    lora = req["method"] in ("lora", "qlora", "prilora")
     run_dir = req["work"] + "/" + req["row"].replace(":", "-")
-    r = eq.finetune(base_dir, req["method"], "wiki", run_dir,
+    source = req["model"] if req["method"] == "qlora" else base_dir
+    r = eq.finetune(source, req["method"], "wiki", run_dir, objective="kd",
                     force=True, seq_len=req["seq_len"], batch_size=req["batch_size"],
                     lr=req["lr"][req["method"]], merge=req["recipe"] if lora else None,
                     save_every=req["save_every"], **budget)
@@ -93,7 +117,32 @@ out["peak_rss_mb"] = _peak_rss_mb()
 print("RESULT " + json.dumps(out))
 """
 
-LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4}
+LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4,
+      "torchao-qat": 1e-5, "qlora": 1e-4, "peft-qlora": 1e-4}
+# a peer (or qlora) takes its counterpart's overridden LR unless given its own: same LR, fair
+LR_FOLLOWS = {"torchao-qat": "qat", "qlora": "lora", "peft-qlora": "qlora"}
+
+
+def learning_rates(spec: str) -> dict[str, float]:
+    """``LR`` with ``--lr`` overrides (``qat=2e-5,lora=1e-4``) applied.
+
+    Raises:
+        ValueError: a malformed item, an unknown method or a non-positive rate.
+    """
+    given: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or key.strip() not in LR:
+            raise ValueError(f"--lr item {item!r}: expected METHOD=RATE with METHOD one of "
+                             f"{', '.join(LR)}")
+        given[key.strip()] = float(val)
+        if given[key.strip()] <= 0:
+            raise ValueError(f"--lr item {item!r}: the rate must be > 0")
+    lr = {**LR, **given}
+    for peer, partner in LR_FOLLOWS.items():  # in order: qlora before peft-qlora
+        if peer not in given and lr[partner] != LR[partner]:
+            lr[peer] = lr[partner]
+    return lr
 
 
 def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -102,8 +151,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     req = {"row": row, "base": base, "method": method, "recipe": recipe, "scheme": scheme,
            "model": args.model, "work": str(args.work), "max_steps": args.max_steps,
            "max_tokens": args.max_tokens, "seq_len": args.seq_len,
-           "batch_size": args.batch_size, "lr": LR, "eval_tokens": args.max_eval_tokens,
-           "chat_eval": args.chat_eval, "save_every": args.save_every}
+           "batch_size": args.batch_size, "lr": args.lrs, "eval_tokens": args.max_eval_tokens,
+           "chat_eval": args.chat_eval, "save_every": args.save_every,
+           "budget": budget_text(args), "bench_dir": str(ROOT)}
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent / "src")}
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(req)], env=env,
                           capture_output=True, text=True)
@@ -122,6 +172,27 @@ def add_recovery(rows: list[dict[str, Any]]) -> None:
                 part["kld_recovery"] = (b - part["kld"]) / b
 
 
+def budget_text(args: argparse.Namespace) -> str:
+    return f"{args.max_steps} steps" if args.max_steps else f"{args.max_tokens:,} tokens"
+
+
+def merged_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows with ``new`` ones replacing the same row names, in the order of ``ROWS``
+    (rows ``ROWS`` does not know last, in their old order)."""
+    by_name = {r["row"]: r for r in old}
+    by_name.update({r["row"]: r for r in new})
+    order = {name: i for i, name in enumerate(ROWS)}
+    return sorted(by_name.values(), key=lambda r: order.get(r["row"], len(ROWS)))
+
+
+def read_old(out: Path) -> list[dict[str, Any]]:
+    """The rows already in ``out`` (none if it is missing or unreadable)."""
+    try:
+        return list(json.loads(out.read_text()).get("rows", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -129,7 +200,8 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     os.replace(tmp, out)
     head = ("| row | PPL | KLD | top-1 | response loss | KLD recovery | train tokens | "
             "tokens/s | wall s | peak RSS MB |")
-    lines = [f"# Fine-tuning SmolLM2-135M ({meta['budget']})", "", head,
+    budgets = sorted({r["budget"] for r in rows if r.get("budget")}) or [meta["budget"]]
+    lines = [f"# Fine-tuning SmolLM2-135M ({', '.join(budgets)})", "", head,
              "|" + " --- |" * 10]
 
     def fmt(v: Any, spec: str) -> str:
@@ -148,7 +220,13 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
                          f"{fmt(r.get('train_tokens'), ',')} | "
                          f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('wall_s'), '.0f')} "
                          f"| {fmt(r.get('peak_rss_mb'), ',.0f')} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    notes = [f"- {r['row']}: {r['notes']}" for r in rows if r.get("notes")]
+    lrs = [f"{r['row']} {r['lr']:g}" for r in rows if r.get("lr")]
+    lines += ["", "Learning rates: " + ", ".join(lrs) + "."] if lrs else []
+    lines += ["", *notes] if notes else []
+    tmp_md = out.with_suffix(".md.tmp")
+    tmp_md.write_text("\n".join(lines) + "\n")
+    os.replace(tmp_md, out.with_suffix(".md"))
 
 
 def main() -> None:
@@ -164,6 +242,11 @@ def main() -> None:
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--chat-eval", type=int, default=64, help="held-out ShareGPT "
                     "conversations for the response loss (0: skip)")
+    ap.add_argument("--lr", default="", help="learning-rate overrides, e.g. "
+                    "qat=2e-5,lora=1e-4 (defaults: " + ", ".join(f"{k}={v:g}"
+                                                                 for k, v in LR.items())
+                    + "); torchao-qat follows qat, qlora follows lora and peft-qlora "
+                    "follows qlora unless given")
     ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "finetune.json")
     args = ap.parse_args()
@@ -171,17 +254,25 @@ def main() -> None:
     unknown = set(rows_to_run) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
+    try:
+        args.lrs = learning_rates(args.lr)
+    except ValueError as e:
+        ap.error(str(e))
     meta = {"model": args.model, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
-            "budget": f"{args.max_steps} steps" if args.max_steps else
-            f"{args.max_tokens:,} tokens", "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "lr": LR, "started": time.strftime("%F %T")}
-    rows: list[dict[str, Any]] = []
+            "budget": budget_text(args), "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "lr": args.lrs, "started": time.strftime("%F %T")}
+    old = read_old(args.out)
+    if old:
+        print(f"merging into {args.out}: keeping {len(old)} existing rows not run again",
+              file=sys.stderr)
+    done: list[dict[str, Any]] = []
     for row in rows_to_run:
-        rows.append(run_row(row, args))
+        done.append(run_row(row, args))
+        rows = merged_rows(old, done)
         add_recovery(rows)
         meta["load_avg_end"] = os.getloadavg()
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(done[-1]), flush=True)
         write(rows, meta, args.out)
 
 
