@@ -45,7 +45,7 @@ BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128"), "nf4": ("rtn", "n
 METHODS = ("base", "qat", "lr-qat", "lora", "prilora")
 PEERS = ("torchao-qat", "peft-qlora")
 ROWS = (tuple(f"{b}:{m}" for b in ("rtn", "gptq") for m in METHODS)
-        + ("rtn:torchao-qat", "nf4:base", "nf4:qlora", "nf4:peft-qlora"))
+        + ("rtn:chat-lora", "rtn:torchao-qat", "nf4:base", "nf4:qlora", "nf4:peft-qlora"))
 
 _CHILD = """\
 import json, sys, time
@@ -76,7 +76,8 @@ def measure(model):
             if req["chat_eval"] else None}
 
 base_dir = req["work"] + "/base-" + req["base"]
-if req["method"] in ("base", "qat", "lr-qat", "lora", "prilora") and not is_artifact(base_dir):
+if req["method"] in ("base", "qat", "lr-qat", "lora", "prilora", "chat-lora") and \\
+        not is_artifact(base_dir):
     eq.quantize(req["model"], req["recipe"], req["scheme"]).save(base_dir, force=True)
 t0 = time.perf_counter()
 out = {"row": req["row"], "lr": req["lr"].get(req["method"]), "budget": req["budget"],
@@ -93,21 +94,28 @@ elif req["method"] in ("torchao-qat", "peft-qlora"):
                    max_tokens=None if req["max_steps"] else req["max_tokens"])
     t = p.result
     out.update(train_tokens=t.tokens, train_s=t.seconds, tokens_per_s=t.tokens / t.seconds,
-               peak_rss_train_mb=p.peak_rss_train_mb, notes=p.notes)
+               peak_rss_train_mb=p.peak_rss_train_mb, notes=p.notes,
+               trainable_params=p.trainable_params,
+               optimizer_mb=p.trainable_params * 8 / 2**20)
     out.update(measure(p.model))
 else:
     budget = {"max_steps": req["max_steps"]} if req["max_steps"] else \\
         {"max_tokens": req["max_tokens"]}
-    lora = req["method"] in ("lora", "qlora", "prilora")
+    chat = req["method"] == "chat-lora"
+    method = "lora" if chat else req["method"]
+    lora = method in ("lora", "qlora", "prilora")
     run_dir = req["work"] + "/" + req["row"].replace(":", "-")
-    source = req["model"] if req["method"] == "qlora" else base_dir
-    r = eq.finetune(source, req["method"], "wiki", run_dir, objective="kd",
+    source = req["model"] if method == "qlora" else base_dir
+    r = eq.finetune(source, method, "sharegpt" if chat else "wiki", run_dir,
+                    objective="ce" if chat else "kd",
                     force=True, seq_len=req["seq_len"], batch_size=req["batch_size"],
-                    lr=req["lr"][req["method"]], merge=req["recipe"] if lora else None,
+                    lr=req["lr"][req["method"]], merge=req["merge"] if lora else None,
                     save_every=req["save_every"], **budget)
     t = r.summary["train"]
+    n = r.summary["trainable"]["params"]
     out.update(train_tokens=t["tokens"], train_s=t["seconds"],
-               tokens_per_s=t["tokens"] / t["seconds"], peak_rss_train_mb=_peak_rss_mb())
+               tokens_per_s=t["tokens"] / t["seconds"], peak_rss_train_mb=_peak_rss_mb(),
+               trainable_params=n, optimizer_mb=n * 8 / 2**20)
     out.update(measure(r.model))
     if lora:
         merged = measure(eq.load(r.out / "model"))
@@ -117,10 +125,10 @@ out["peak_rss_mb"] = _peak_rss_mb()
 print("RESULT " + json.dumps(out))
 """
 
-LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4,
+LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4, "chat-lora": 1e-4,
       "torchao-qat": 1e-5, "qlora": 1e-4, "peft-qlora": 1e-4}
 # a peer (or qlora) takes its counterpart's overridden LR unless given its own: same LR, fair
-LR_FOLLOWS = {"torchao-qat": "qat", "qlora": "lora", "peft-qlora": "qlora"}
+LR_FOLLOWS = {"torchao-qat": "qat", "qlora": "lora", "peft-qlora": "qlora", "chat-lora": "lora"}
 
 
 def learning_rates(spec: str) -> dict[str, float]:
@@ -153,13 +161,14 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
            "max_tokens": args.max_tokens, "seq_len": args.seq_len,
            "batch_size": args.batch_size, "lr": args.lrs, "eval_tokens": args.max_eval_tokens,
            "chat_eval": args.chat_eval, "save_every": args.save_every,
-           "budget": budget_text(args), "bench_dir": str(ROOT)}
+           "budget": budget_text(args), "bench_dir": str(ROOT), "merge": args.merge}
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent / "src")}
+    load_start = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(req)], env=env,
                           capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])  # type: ignore[no-any-return]
+            return {**json.loads(line[7:]), "load_avg_1m": [load_start, os.getloadavg()[0]]}
     return {"row": row, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
 
 
@@ -199,17 +208,17 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     os.replace(tmp, out)
     head = ("| row | PPL | KLD | top-1 | response loss | KLD recovery | train tokens | "
-            "tokens/s | wall s | peak RSS MB |")
+            "tokens/s | wall s | peak RSS MB | optimizer MB | codes changed |")
     budgets = sorted({r["budget"] for r in rows if r.get("budget")}) or [meta["budget"]]
     lines = [f"# Fine-tuning SmolLM2-135M ({', '.join(budgets)})", "", head,
-             "|" + " --- |" * 10]
+             "|" + " --- |" * 12]
 
     def fmt(v: Any, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {' / '.join(r['error'])} |" + " |" * 8)
+            lines.append(f"| {r['row']} | error: {' / '.join(r['error'])} |" + " |" * 10)
             continue
         for name, p in ((r["row"], r), (r["row"] + "+merge", r.get("merged"))):
             if p is None:
@@ -219,7 +228,9 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
                          f"| {fmt(p.get('kld_recovery'), '.1%')} | "
                          f"{fmt(r.get('train_tokens'), ',')} | "
                          f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('wall_s'), '.0f')} "
-                         f"| {fmt(r.get('peak_rss_mb'), ',.0f')} |")
+                         f"| {fmt(r.get('peak_rss_mb'), ',.0f')} "
+                         f"| {fmt(r.get('optimizer_mb'), ',.1f')} "
+                         f"| {fmt(p.get('codes_changed'), '.2%')} |")
     notes = [f"- {r['row']}: {r['notes']}" for r in rows if r.get("notes")]
     lrs = [f"{r['row']} {r['lr']:g}" for r in rows if r.get("lr")]
     lines += ["", "Learning rates: " + ", ".join(lrs) + "."] if lrs else []
@@ -247,6 +258,8 @@ def main() -> None:
                                                                  for k, v in LR.items())
                     + "); torchao-qat follows qat, qlora follows lora and peft-qlora "
                     "follows qlora unless given")
+    ap.add_argument("--merge", default="gptq", help="the recipe LoRA rows are re-quantized "
+                    "with after merging (GPTQ with calibration, the default of eq.finetune)")
     ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "finetune.json")
     args = ap.parse_args()
@@ -258,7 +271,10 @@ def main() -> None:
         args.lrs = learning_rates(args.lr)
     except ValueError as e:
         ap.error(str(e))
-    meta = {"model": args.model, "machine": platform.processor() or platform.machine(),
+    sys.path.insert(0, str(ROOT.parent / "src"))
+    from edgequant.comparison.runner import cpu_model
+
+    meta = {"model": args.model, "machine": cpu_model() or platform.machine(),
             "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
             "budget": budget_text(args), "seq_len": args.seq_len,
             "batch_size": args.batch_size, "lr": args.lrs, "started": time.strftime("%F %T")}

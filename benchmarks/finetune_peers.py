@@ -152,6 +152,7 @@ class PeerRun:
     result: Any
     peak_rss_train_mb: float
     notes: str
+    trainable_params: int
 
 
 def train_peer(method: str, teacher: Any, run_dir: str | Path, *, lr: float, seq_len: int,
@@ -200,10 +201,12 @@ def train_peer(method: str, teacher: Any, run_dir: str | Path, *, lr: float, seq
     else:
         raise ValueError(f"unknown peer {method!r}: torchao-qat or peft-qlora")
     data = build_data(cfg.data, teacher.tokenizer)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     res = train(student, Distillation(teacher.module, cfg.temperature), data, tcfg, run_dir,
                 run_info={"method": method})
     peak = _peak_rss_mb()
     if method == "torchao-qat":
         convert_torchao_qat(student)
     student.eval()
-    return PeerRun(Model(student, teacher.tokenizer, dict(teacher.source)), res, peak, notes)
+    return PeerRun(Model(student, teacher.tokenizer, dict(teacher.source)), res, peak, notes,
+                   trainable)
