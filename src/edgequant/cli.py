@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -536,7 +535,7 @@ class _FinetuneCommand(TyperCommand):
     option takes a value or none, not either, so a bare ``--merge`` (last, or followed by
     another option) gets its value here before parsing."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         fixed: list[str] = []
         for i, a in enumerate(args):
             fixed.append(a)

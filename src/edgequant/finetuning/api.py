@@ -363,7 +363,8 @@ class _Run:
         recipe = tuned.recipe
         spec = calibration(cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.train.seed)
         merged = Model(merge_to_float(tuned.module), tuned.tokenizer, dict(tuned.source))
-        self.info["merge"] = merge_info = {"recipe_name": cfg.merge_recipe}
+        merge_info: dict[str, Any] = {"recipe_name": cfg.merge_recipe}
+        self.info["merge"] = merge_info
         if cfg.merge_gguf is not None:
             from ..exporters.gguf import export
 

@@ -153,7 +153,7 @@ class FakeQuantLinear(nn.Module):
 
     def fake_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ŵ (out, in), codes (R, G, g))``."""
-        scales = self.scales
+        scales: torch.Tensor = self.scales
         if self.grad_factor != 1.0 and scales.requires_grad:
             scales = grad_scaled(scales, self.grad_factor)
         s = stored_scale(scales, self.scheme)
