@@ -32,13 +32,15 @@ __getattr__ = lazy_attributes(__name__, {
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
-    """Load a model: a zoo name, an HF folder, a hub id, a ``.gguf`` file, or an artifact.
+    """Load a model: a zoo name, an HF folder, a hub id, a ``.gguf`` file, an artifact, or a
+    finished fine-tuning run folder (its merged/converted artifact, else base + adapter).
 
     ``dtype`` is the dtype of its unquantized float weights (default float32); quantized
     layers keep their stored codes and scales whatever it is.
     """
     import torch
 
+    from .finetuning.api import is_run_folder, load_finetuned
     from .models.artifact import is_artifact, load_artifact
     from .models.model import Model
     from .models.sources import load_source
@@ -46,6 +48,8 @@ def load(source: str | Path, dtype: torch.dtype | None = None) -> Model:
     dtype = dtype or torch.float32
     if is_artifact(source):
         return load_artifact(source, dtype)
+    if is_run_folder(source):
+        return load_finetuned(source, dtype)  # type: ignore[no-any-return]
     src = load_source(source, dtype)
     return Model(src.model, src.tokenizer,
                  {"name": src.name, "path": str(src.path), "sha256": src.sha256,

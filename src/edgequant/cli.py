@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from .errors import EdgequantError
 
@@ -529,7 +530,21 @@ def serve_cmd(
 # --- finetune (one block: the fine-tuning command and its progress display) ------------------
 
 
-@app.command("finetune")
+class _FinetuneCommand(TyperCommand):
+    """``--merge`` with no value means ``--merge default`` (GPTQ with calibration). A click
+    option takes a value or none, not either, so a bare ``--merge`` (last, or followed by
+    another option) gets its value here before parsing."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        for i, a in enumerate(args):
+            fixed.append(a)
+            if a == "--merge" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append("default")
+        return super().parse_args(ctx, fixed)
+
+
+@app.command("finetune", cls=_FinetuneCommand)
 def finetune_cmd(
     source: str = typer.Argument(..., help="Native artifact folder, zoo name or HF folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoint, "
@@ -561,7 +576,20 @@ def finetune_cmd(
     target: list[str] = typer.Option([], "--target", help="LoRA target name pattern "
                                      "(repeatable); default q_proj k_proj v_proj o_proj."),
     merge: str | None = typer.Option(None, "--merge", help="LoRA: merge into a float copy and "
-                                     "re-quantize by this recipe (rtn, gptq, …) into model/."),
+                                     "re-quantize into model/ (the base's scheme and "
+                                     "formats) by GPTQ with calibration; or name a recipe "
+                                     "(--merge rtn, awq, …). A bare --merge goes after SOURCE."),
+    merge_gguf: str | None = typer.Option(None, "--merge-gguf", help="LoRA: also export the "
+                                          "merged model as model.gguf of this llama.cpp type "
+                                          "(Q4_K_M, Q8_0 …), GPTQ-encoded (rtn with "
+                                          "--merge rtn)."),
+    calib: str = typer.Option("wiki", "--calib", help="The merge's calibration corpus (its "
+                              "second half: the training half, disjoint from evaluation)."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    calib_len: int = typer.Option(512, "--calib-len", help="Tokens per calibration window."),
+    lsq_grad_scale: bool = typer.Option(True, "--lsq-grad-scale/--no-lsq-grad-scale",
+                                        help="qat/lr-qat: scale the scales' gradient by "
+                                        "LSQ's 1/sqrt(N·Qp)."),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto | float32 | "
                                       "bfloat16 (autocast of forward and backward)."),
     seed: int = typer.Option(0, "--seed", help="Seed (init, dropout, data order)."),
@@ -576,8 +604,9 @@ def finetune_cmd(
     options: dict[str, Any] = dict(
         scheme=scheme, objective=objective, lr=lr, schedule=schedule, warmup_steps=warmup,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every,
-        r=rank, alpha=alpha, dropout=dropout, merge=merge, compute_dtype=compute_dtype,
-        seed=seed)
+        r=rank, alpha=alpha, dropout=dropout, merge=merge, merge_gguf=merge_gguf, calib=calib,
+        calib_samples=calib_samples, calib_len=calib_len, lsq_grad_scale=lsq_grad_scale,
+        compute_dtype=compute_dtype, seed=seed)
     if target:
         options["targets"] = tuple(t for item in target for t in item.split(",") if t)
     track, on_step = _finetune_display(quiet or as_json)

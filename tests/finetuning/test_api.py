@@ -100,3 +100,76 @@ def test_other_methods_train_and_save(tiny_smol, tmp_path, method):
     if method == "qlora":
         assert {m.scheme.name for m in back.module.modules() if isinstance(m, QuantLinear)} \
             == {"nf4-dq"}
+
+
+CALIB = dict(calib_samples=4, calib_len=32)
+
+
+def test_merge_default_is_gptq_with_calibration_under_the_base_scheme(tiny_smol, tmp_path):
+    out = tmp_path / "m"
+    r = eq.finetune(tiny_smol, "lora", "wiki", out, max_steps=2, scheme="w4g32",
+                    merge="default", **CALIB, **FAST)
+    cfg = json.loads((out / "config.json").read_text())
+    merge = cfg["merge"]
+    assert cfg["config"]["merge"] == "gptq" and merge["recipe"]["quantizer"]["name"] == "gptq"
+    assert merge["calibration"]["n"] == 4 and merge["calibration"]["seq_len"] == 32
+    assert "second half" in merge["calibration"]["source"]
+    assert 0 < merge["codes_changed"] < 1 and merge["seconds"] > 0
+    merged = eq.load(out)                      # the run folder: its merged artifact
+    assert merged.recipe.quantizer_name == "gptq"
+    assert {m.scheme.name for m in merged.module.modules() if isinstance(m, QuantLinear)} \
+        == {"w4g32"}
+    assert not any(isinstance(m, LoraLinear) for m in merged.module.modules())
+    assert torch.equal(merged.module(_ids()).logits, eq.load(out / "model").module(_ids()).logits)
+    assert r.summary["merge"]["artifact"] == str(out / "model")
+
+
+def test_merge_to_gguf_reads_back_with_its_types(tiny_smol, tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    out = tmp_path / "g"
+    r = eq.finetune(tiny_smol, "lora", "wiki", out, max_steps=1, scheme="w4g32",
+                    merge_gguf="q8_0", **CALIB, **FAST)
+    g = r.summary["merge"]["gguf"]
+    assert g["file_type"] == "Q8_0" and g["encoder"] == "gptq"
+    assert not (out / "model").exists()        # only the GGUF was asked for
+    types = {t.name: t.tensor_type for t in GGUFReader(out / "model.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.1.ffn_down.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*"))
+
+
+def test_eq_load_of_a_lora_run_is_base_plus_adapter(tiny_smol, tmp_path):
+    r = eq.finetune(tiny_smol, "lora", "wiki", tmp_path / "l", max_steps=2, scheme="w4g32",
+                    lr=1e-2, **{k: v for k, v in FAST.items() if k != "lr"})
+    back = eq.load(tmp_path / "l")
+    assert any(isinstance(m, LoraLinear) for m in back.module.modules())
+    r.model.module.eval()
+    assert torch.equal(back.module(_ids()).logits, r.model.module(_ids()).logits)
+    bf = eq.load(tmp_path / "l", torch.bfloat16)    # the adapter follows the float dtype
+    assert bf.module(_ids()).logits.dtype == torch.bfloat16
+
+
+def test_eq_load_of_an_unfinished_run_says_resume(tiny_smol, tmp_path):
+    from edgequant.finetuning.loop import TrainingError
+
+    def crash(rec):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        eq.finetune(tiny_smol, "lora", "wiki", tmp_path / "k", max_steps=3, scheme="w4g32",
+                    on_step=crash, **FAST)
+    with pytest.raises(TrainingError, match="resume it with the same command"):
+        eq.load(tmp_path / "k")
+
+
+@pytest.mark.parametrize(("method", "options", "match"), [
+    ("qat", {"merge": "default"}, "LoRA methods"),
+    ("lora", {"merge": "awq", "merge_gguf": "Q4_K_M"}, "gptq or rtn"),
+    ("lora", {"merge_gguf": "Q9_X"}, "unknown GGUF file type"),
+])
+def test_merge_options_refused_up_front(tiny_smol, tmp_path, method, options, match):
+    with pytest.raises(eq.EdgequantError, match=match):
+        eq.finetune(tiny_smol, method, "wiki", tmp_path / "x", max_steps=1, **options, **FAST)
+    assert not (tmp_path / "x").exists()

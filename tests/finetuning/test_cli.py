@@ -47,3 +47,28 @@ def test_finetune_bad_input_is_one_line(hf_dir, tmp_path):
     r = runner.invoke(app, ["finetune", str(hf_dir), "--data", str(bad), "--max-steps", "1",
                             "-o", str(tmp_path / "b"), *FAST])
     assert r.exit_code == 2 and "chat.jsonl:1" in r.output
+
+
+def test_finetune_lora_bare_merge_and_gguf_then_eval_the_run_folder(hf_dir, tmp_path):
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["finetune", str(hf_dir), "--max-steps", "1", "-o", str(out),
+                            "--merge", "--merge-gguf", "Q8_0", "--calib-samples", "4",
+                            "--calib-len", "32", *FAST, "--json"])
+    assert r.exit_code == 0, r.output
+    merge = json.loads(r.stdout)["merge"]
+    assert merge["recipe"]["quantizer"]["name"] == "gptq" and 0 <= merge["codes_changed"] <= 1
+    assert (out / "model.gguf").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    r = runner.invoke(app, ["eval", str(out), "--ppl", "--ctx", "32", "--max-tokens", "128",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ppl"] > 1
+
+
+def test_eval_of_an_unfinished_run_says_resume(hf_dir, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["finetune", str(hf_dir), "--max-steps", "1", "-o", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "status": "interrupted"}))
+    r = runner.invoke(app, ["eval", str(out), "--ppl", "--ctx", "32", "--max-tokens", "128"])
+    assert r.exit_code == 2 and "same command" in r.output and "Traceback" not in r.output

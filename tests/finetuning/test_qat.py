@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ from edgequant.nn.quant_linear import QuantLinear
 from edgequant.recipe import Recipe
 
 
-def _layer(w, scheme="w4-channel-fp32", s=0.25, learn=True):
+def _layer(w, scheme="w4-channel-fp32", s=0.25, learn=True, lsq_grad_scale=False):
     scheme = QuantScheme.parse(scheme)
     params = {"scales": torch.full((w.shape[0], 1, 1), s)}
-    return FakeQuantLinear(w, None, scheme, params, learn_scales=learn)
+    return FakeQuantLinear(w, None, scheme, params, learn_scales=learn,
+                           lsq_grad_scale=lsq_grad_scale)
 
 
 def test_ste_and_lsq_gradients_by_hand():
@@ -42,7 +44,8 @@ def test_lsq_gradient_asymmetric_with_integer_zero():
     scheme = QuantScheme.parse("w3-channel-asym-fp32")
     w = torch.tensor([[0.3, -1.2, 3.5]])
     fq = FakeQuantLinear(w, None, scheme, {"scales": torch.tensor([[[0.5]]]),
-                                           "zeros": torch.tensor([[[2.0]]])})
+                                           "zeros": torch.tensor([[[2.0]]])},
+                         lsq_grad_scale=False)
     w_hat, q = fq.fake_weight()
     assert q.flatten().tolist() == [3, 0, 7]
     assert w_hat.tolist() == [[0.5, -1.0, 2.5]]
@@ -50,6 +53,42 @@ def test_lsq_gradient_asymmetric_with_integer_zero():
     assert fq.weight.grad.tolist() == [[1.0, 2.0, 0.0]]
     # (1 − 0.6)·1 + (−2 + 2.4)·2 + 5·3
     assert fq.scales.grad.item() == pytest.approx(0.4 + 0.8 + 15.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(("scheme", "g"), [
+    ("w4-channel-fp32", 1 / math.sqrt(8 * 7)),          # 8 weights per scale, Qp = 2^3 − 1
+    ("w3g4-asym-fp32", 1 / math.sqrt(4 * 7)),           # groups of 4, Qp = 2^3 − 1 (asym)
+    ("w4g4", 1 / math.sqrt(4 * 7)),                     # fp16 scales: through stored_scale
+])
+def test_lsq_gradient_scale_multiplies_only_the_scale_gradient(scheme, g):
+    torch.manual_seed(0)
+    w, x = torch.randn(3, 8), torch.randn(5, 8)
+    fmt = QuantScheme.parse(scheme)
+    from edgequant.formats.base import get_format, group
+
+    params = get_format("int").params(group(w, fmt), fmt)
+    out = {}
+    for on in (False, True):
+        fq = FakeQuantLinear(w, None, fmt, params, lsq_grad_scale=on)
+        y = fq(x)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        out[on] = (y.detach(), fq.scales.grad.clone(), fq.weight.grad.clone(), fq.grad_factor)
+    assert out[True][3] == g and out[False][3] == 1.0
+    assert torch.equal(out[True][0], out[False][0])          # forward bit-identical
+    assert torch.equal(out[True][2], out[False][2])          # the weights' gradient untouched
+    assert torch.equal(out[True][1], out[False][1] * g)      # the scales': exactly × g
+    assert not torch.equal(out[True][1], out[False][1])
+
+
+def test_lsq_gradient_scale_reaches_prepared_layers(tiny_llama):
+    module = copy.deepcopy(tiny_llama)
+    name = "model.layers.0.mlp.down_proj"
+    on = prepare(module, {name: QuantScheme.parse("w4g32")})[name]
+    assert on.grad_factor == 1 / math.sqrt(32 * 7)
+    module = copy.deepcopy(tiny_llama)
+    off = prepare(module, {name: QuantScheme.parse("w4g32")}, lsq_grad_scale=False,
+                  low_rank=4)[name]
+    assert isinstance(off, LRQATLinear) and off.grad_factor == 1.0
 
 
 def test_scales_train_at_storage_precision():

@@ -5,6 +5,7 @@
       loss.png           the training-loss curve
       checkpoint/        the last checkpoint (a killed run resumes from it: same command)
       model/             qat, lr-qat (and a LoRA merged with --merge): a native artifact
+      model.gguf         a LoRA merged with --merge-gguf TYPE: the llama.cpp file
       adapter/           lora, qlora, prilora: the adapter in peft's format
       base/              lora, qlora, prilora on a source quantized here: the base artifact
 
@@ -41,6 +42,10 @@ from .qat import convert, prepare
 METHODS = ("lora", "qlora", "qat", "lr-qat", "prilora")
 LORA_METHODS = ("lora", "qlora", "prilora")
 QLORA_SCHEME = "nf4-dq"
+#: ``merge="default"``: the issue's default re-quantization of a merged LoRA
+DEFAULT_MERGE = "gptq"
+#: quantizers the GGUF exporter encodes with (llama.cpp's encoders, or them inside GPTQ)
+GGUF_MERGE = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,16 @@ class FinetuneConfig:
             ``lr`` a step whatever its size; a scale is ~0.01).
         lrqat_rank, lrqat_alpha: LR-QAT's low-rank update.
         prilora_min, prilora_max, prune_every, prune_ratio: PRILoRA's ranks and pruning.
-        merge: lora methods: a recipe (``rtn``, ``gptq``, …) to re-quantize the merged float
-            model with (written to ``OUT/model``); None: keep the adapter apart.
+        lsq_grad_scale: qat/lr-qat: multiply the scales' gradient by LSQ's
+            ``1/sqrt(N·Qp)`` (:mod:`.qat`).
+        merge: lora methods: a recipe (``rtn``, ``gptq``, …; ``default``: GPTQ with
+            calibration) to re-quantize the merged float model with, under the base's scheme
+            and per-layer formats (written to ``OUT/model``); None: keep the adapter apart.
+        merge_gguf: lora methods: a llama.cpp file type (``Q4_K_M``, ``Q8_0`` …) to export
+            the merged float model as ``OUT/model.gguf``, encoded by GPTQ with calibration
+            (or llama.cpp's RTN encoders with ``merge="rtn"``).
+        calib, calib_samples, calib_len: the merge's calibration: windows of ``calib``'s
+            second half (the training half; evaluation reads the first).
         temperature: the distillation temperature.
     """
 
@@ -72,6 +85,7 @@ class FinetuneConfig:
     keep_dtype: str = "float16"
     learn_scales: bool = True
     scale_lr_mult: float = 0.1
+    lsq_grad_scale: bool = True
     lrqat_rank: int = 16
     lrqat_alpha: float = 16.0
     prilora_min: int = 4
@@ -79,6 +93,10 @@ class FinetuneConfig:
     prune_every: int = 40
     prune_ratio: float = 0.25
     merge: str | None = None
+    merge_gguf: str | None = None
+    calib: str = "wiki"
+    calib_samples: int = 128
+    calib_len: int = 512
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
@@ -86,9 +104,27 @@ class FinetuneConfig:
             raise TrainingError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise TrainingError(f"objective must be one of {', '.join(OBJECTIVES)}")
-        if self.merge is not None and self.method not in LORA_METHODS:
-            raise TrainingError(f"--merge applies to LoRA methods; {self.method} already "
-                                f"produces integer codes")
+        if self.merge == "default":
+            object.__setattr__(self, "merge", DEFAULT_MERGE)
+        if (self.merge is not None or self.merge_gguf is not None) and \
+                self.method not in LORA_METHODS:
+            raise TrainingError(f"--merge/--merge-gguf apply to LoRA methods; {self.method} "
+                                f"already produces integer codes")
+        if self.merge_gguf is not None:
+            from ..exporters.gguf import parse_file_type
+
+            object.__setattr__(self, "merge_gguf", parse_file_type(self.merge_gguf))
+            if self.merge_recipe not in GGUF_MERGE:
+                raise TrainingError(f"a GGUF is encoded by {' or '.join(GGUF_MERGE)}, not "
+                                    f"{self.merge}; drop --merge or choose one of those")
+        if self.calib_samples < 1 or self.calib_len < 2:
+            raise TrainingError(f"the merge's calibration needs >= 1 window of >= 2 tokens; "
+                                f"got {self.calib_samples} × {self.calib_len}")
+
+    @property
+    def merge_recipe(self) -> str:
+        """The recipe a merged LoRA is re-quantized by (GPTQ unless ``merge`` names one)."""
+        return self.merge or DEFAULT_MERGE
 
     @property
     def resolved_objective(self) -> str:
@@ -291,7 +327,8 @@ class _Run:
             round_kept_tensors(module, cfg.keep_dtype, skip={f"{n}.weight" for n in plan})
         low_rank = cfg.lrqat_rank if cfg.method == "lr-qat" else None
         layers_q = prepare(module, plan, learn_scales=cfg.learn_scales, low_rank=low_rank,
-                           alpha=cfg.lrqat_alpha, scale_lr_mult=cfg.scale_lr_mult,
+                           alpha=cfg.lrqat_alpha, lsq_grad_scale=cfg.lsq_grad_scale,
+                           scale_lr_mult=cfg.scale_lr_mult,
                            float_module=None if teacher is None else teacher.module)
         n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.info["trainable"] = {"params": n, "layers": len(layers_q)}
@@ -314,22 +351,46 @@ class _Run:
         plain = _without_adapters(base)
         plain.save(self.out / "base", force=True)
         self.info["base"] = str(self.out / "base")
-        if cfg.merge is not None:
+        if cfg.merge is not None or cfg.merge_gguf is not None:
             self._merge(base, plain)
         return base
 
     def _merge(self, tuned: Any, plain: Any) -> None:
+        """Merge the adapters into a float copy and re-quantize it: a native artifact
+        (``merge``) and/or a GGUF (``merge_gguf``), both from the same calibration."""
+        import time
+
         from .. import quantize
+        from ..data.calibration import calibration
         from ..models.model import Model
 
-        merged = Model(merge_to_float(tuned.module), tuned.tokenizer, dict(tuned.source))
+        cfg = self.cfg
         recipe = tuned.recipe
-        q = quantize(merged, str(self.cfg.merge), recipe.scheme, keep_dtype=recipe.keep_dtype,
-                     overrides=recipe.formats, inplace=True)
+        spec = calibration(cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.train.seed)
+        merged = Model(merge_to_float(tuned.module), tuned.tokenizer, dict(tuned.source))
+        merge_info: dict[str, Any] = {"recipe_name": cfg.merge_recipe}
+        self.info["merge"] = merge_info
+        if cfg.merge_gguf is not None:
+            from ..exporters.gguf import export
+
+            t0 = time.perf_counter()
+            gptq = cfg.merge_recipe == "gptq"
+            path = export(merged, self.out / "model.gguf", cfg.merge_gguf,
+                          calib=spec if gptq else None, gptq=gptq, force=True)
+            merge_info["gguf"] = {"path": str(path), "file_type": cfg.merge_gguf,
+                                  "encoder": cfg.merge_recipe,
+                                  "seconds": time.perf_counter() - t0}
+        if cfg.merge is None:
+            return
+        t0 = time.perf_counter()
+        q = quantize(merged, cfg.merge_recipe, recipe.scheme, keep_dtype=recipe.keep_dtype,
+                     overrides=recipe.formats, calib=spec, inplace=True)
         q.save(self.out / "model", force=True)
         assert q.recipe is not None
-        self.info["merge"] = {"recipe": q.recipe.to_dict(), "artifact": str(self.out / "model"),
-                              "codes_changed": codes_changed(plain.module, q.module)["fraction"]}
+        merge_info.update(recipe=q.recipe.to_dict(), calibration=q.calibration,
+                          artifact=str(self.out / "model"),
+                          codes_changed=codes_changed(plain.module, q.module)["fraction"],
+                          seconds=time.perf_counter() - t0)
 
     def _write(self, status: str, history: list[StepRecord]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -384,17 +445,44 @@ def _teacher_of(model: Any) -> Any:
                         f"--teacher (teacher=) or use --objective ce")
 
 
-def load_finetuned(out: str | Path) -> Any:
+def is_run_folder(path: Any) -> bool:
+    """Whether ``path`` is a fine-tuning run folder (its ``config.json`` is a run's, not a
+    model's: ``eq.load`` asks this before reading a folder as an HF model)."""
+    try:
+        p = Path(path)
+        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else None
+    except (OSError, ValueError, TypeError):
+        return False
+    return isinstance(cfg, dict) and "status" in cfg and \
+        isinstance(cfg.get("config"), dict) and "method" in cfg["config"]
+
+
+def load_finetuned(out: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The result of a finished run in ``out``: the converted artifact (qat, lr-qat, or a
-    merged LoRA), else the base with its adapter attached."""
+    merged LoRA), else the base with its adapter attached. ``eq.load(out)`` lands here.
+
+    Raises:
+        TrainingError: the run has not finished (still running, interrupted or diverged).
+    """
     from .. import load
 
     out = Path(out)
+    status = _status(out)
+    if status == "diverged":
+        raise TrainingError(f"the fine-tuning run in {out} diverged (NaN/Inf loss) and has no "
+                            f"result; its last good checkpoint is in {out / 'checkpoint'}")
+    if status is not None and status != "complete":
+        raise TrainingError(f"the fine-tuning run in {out} is {status}: it is still running or "
+                            f"was interrupted; resume it with the same command (its last "
+                            f"checkpoint is in {out / 'checkpoint'}), then load it")
     if (out / "model").is_dir():
-        return load(out / "model")
+        return load(out / "model", dtype)
     if (out / "adapter").is_dir() and (out / "base").is_dir():
-        m = load(out / "base")
-        load_adapter(m.module, out / "adapter")
+        m = load(out / "base", dtype)
+        for layer in load_adapter(m.module, out / "adapter").values():
+            if dtype is not None:  # the adapter computes in the model's float dtype
+                layer.lora_A.to(dtype)
+                layer.lora_B.to(dtype)
         return m
     raise EdgequantError(f"{out} holds no finished fine-tuning result (model/ or adapter/)")
 

@@ -16,6 +16,13 @@ So ∂ŵ/∂w = 1 where ``u`` is in range, 0 where clamped (STE), and
 used at their storage precision (fp16 by default) with a straight-through rounding, so the
 trained scale *is* the stored one. Embeddings and lm_head stay float.
 
+LSQ's gradient scale (Esser et al. 2020; on by default, ``lsq_grad_scale``): the scale's
+gradient is multiplied by ``g = 1/sqrt(N·Qp)``, ``N`` the weights per scale (the group size;
+the layer's mean where the last group is partial) and ``Qp`` the largest positive level
+(``2^(b−1) − 1`` symmetric, ``2^b − 1`` asymmetric), so a scale shared by many weights does
+not take steps out of proportion to theirs. The forward value is unchanged bit for bit
+(``s + (g·s − sg(g·s))``); only ∂/∂s above is multiplied by ``g``.
+
 :func:`convert` turns every fake-quantized layer into a ``QuantLinear`` whose codes are
 ``q`` and scales ``s``: the converted model computes what the fake-quantized one did.
 """
@@ -39,6 +46,18 @@ from ..nn.surgery import replace_module
 def _ste(value: torch.Tensor, grad_from: torch.Tensor) -> torch.Tensor:
     """``value`` exactly, with the gradient of ``grad_from`` (value + 0, bit for bit)."""
     return value + (grad_from - grad_from.detach())
+
+
+def grad_scaled(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` exactly (``x + 0``), with its gradient multiplied by ``g``."""
+    y = x * g
+    return x.detach() + (y - y.detach())
+
+
+def lsq_grad_factor(scheme: QuantScheme, weights_per_scale: float) -> float:
+    """LSQ's ``g = 1/sqrt(N·Qp)`` for a scale shared by ``weights_per_scale`` weights."""
+    qp = (1 << (scheme.bits - 1)) - 1 if scheme.symmetric else (1 << scheme.bits) - 1
+    return 1.0 / math.sqrt(weights_per_scale * qp)
 
 
 def stored_scale(s: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -102,10 +121,13 @@ class FakeQuantLinear(nn.Module):
         scales: ``(R, G, 1)`` float32; a Parameter when learnable.
         zeros: ``(R, G, 1)`` integer (or, with ``-fz``, float) zero-points, frozen; None for
             symmetric schemes.
+        grad_factor: what the scales' gradient is multiplied by (LSQ's ``g``; 1.0 without
+            ``lsq_grad_scale``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme,
-                 params: dict[str, torch.Tensor], learn_scales: bool = True) -> None:
+                 params: dict[str, torch.Tensor], learn_scales: bool = True,
+                 lsq_grad_scale: bool = True) -> None:
         super().__init__()
         check_qat_scheme(scheme)
         self.scheme = scheme
@@ -118,11 +140,14 @@ class FakeQuantLinear(nn.Module):
         self.zeros: torch.Tensor | None
         self.register_buffer("zeros", params["zeros"].detach().clone()
                              if "zeros" in params else None)
+        self.grad_factor = lsq_grad_factor(scheme, weight.numel() / s.numel()) \
+            if lsq_grad_scale else 1.0
 
     @classmethod
     def from_layer(cls, layer: nn.Module, scheme: QuantScheme | None = None,
                    learn_scales: bool = True, where: str = "",
-                   float_weight: torch.Tensor | None = None) -> FakeQuantLinear:
+                   float_weight: torch.Tensor | None = None,
+                   lsq_grad_scale: bool = True) -> FakeQuantLinear:
         """From a float ``nn.Linear`` (RTN's scales under ``scheme``) or a ``QuantLinear``
         (its own codes and scales: GPTQ/AWQ's choices are the starting point; the latent
         weight is ``float_weight`` moved into those codes' cells, see :func:`latent_in_cells`,
@@ -134,7 +159,7 @@ class FakeQuantLinear(nn.Module):
                                   f"in place; quantize the source without act_order")
             check_qat_scheme(qt.scheme, where)
             w = qt.dequantize() if float_weight is None else latent_in_cells(float_weight, qt)
-            return cls(w, layer.bias, qt.scheme, qt.params(), learn_scales)
+            return cls(w, layer.bias, qt.scheme, qt.params(), learn_scales, lsq_grad_scale)
         if not isinstance(layer, nn.Linear):
             raise SchemeError(f"{where}: {type(layer).__name__} cannot be fake-quantized "
                               f"(nn.Linear or QuantLinear)")
@@ -142,7 +167,7 @@ class FakeQuantLinear(nn.Module):
         check_qat_scheme(scheme, where)
         fmt = get_format(scheme.format)
         params = fmt.params(group(layer.weight.detach().float(), scheme), scheme)
-        return cls(layer.weight, layer.bias, scheme, params, learn_scales)
+        return cls(layer.weight, layer.bias, scheme, params, learn_scales, lsq_grad_scale)
 
     def _params(self) -> dict[str, torch.Tensor]:
         return {} if self.zeros is None else {"zeros": self.zeros}
@@ -153,7 +178,10 @@ class FakeQuantLinear(nn.Module):
 
     def fake_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ŵ (out, in), codes (R, G, g))``."""
-        s = stored_scale(self.scales, self.scheme)
+        scales: torch.Tensor = self.scales
+        if self.grad_factor != 1.0 and scales.requires_grad:
+            scales = grad_scaled(scales, self.grad_factor)
+        s = stored_scale(scales, self.scheme)
         w_hat, q = fake_quantize_grouped(self.code_space(s), s, self._params(), self.scheme)
         return ungroup(w_hat, (self.out_features, self.in_features)), q
 
@@ -171,7 +199,8 @@ class FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.scheme.name}, learn_scales={self.scales.requires_grad}")
+                f"scheme={self.scheme.name}, learn_scales={self.scales.requires_grad}, "
+                f"grad_factor={self.grad_factor:.4g}")
 
 
 class LRQATLinear(FakeQuantLinear):
@@ -182,8 +211,8 @@ class LRQATLinear(FakeQuantLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme,
                  params: dict[str, torch.Tensor], learn_scales: bool = True, rank: int = 16,
-                 alpha: float = 16.0) -> None:
-        super().__init__(weight, bias, scheme, params, learn_scales)
+                 alpha: float = 16.0, lsq_grad_scale: bool = True) -> None:
+        super().__init__(weight, bias, scheme, params, learn_scales, lsq_grad_scale)
         w = self.weight.detach()
         del self.weight
         phi = group(w, scheme) / stored_scale(self.scales, scheme).detach()
@@ -205,10 +234,12 @@ class LRQATLinear(FakeQuantLinear):
 
 def prepare(module: nn.Module, layers: dict[str, QuantScheme | None], *,
             learn_scales: bool = True, low_rank: int | None = None,
-            alpha: float | None = None, scale_lr_mult: float = 1.0,
-            float_module: nn.Module | None = None) -> dict[str, FakeQuantLinear]:
+            alpha: float | None = None, lsq_grad_scale: bool = True,
+            scale_lr_mult: float = 1.0, float_module: nn.Module | None = None
+            ) -> dict[str, FakeQuantLinear]:
     """Replace each named layer by its fake-quantized twin (a ``None`` scheme: the
-    ``QuantLinear``'s own). Everything else is frozen. ``low_rank`` selects LR-QAT.
+    ``QuantLinear``'s own). Everything else is frozen. ``low_rank`` selects LR-QAT;
+    ``lsq_grad_scale`` multiplies the scales' gradient by LSQ's ``g`` (module docstring).
 
     ``float_module``: the unquantized model, whose weights (same layer names) start the latent
     weights of quantized layers (:func:`latent_in_cells`). ``scale_lr_mult``: the scales'
@@ -223,12 +254,12 @@ def prepare(module: nn.Module, layers: dict[str, QuantScheme | None], *,
         if float_module is not None and isinstance(layer, QuantLinear):
             fw = float_module.get_submodule(name).weight
         fq = FakeQuantLinear.from_layer(layer, scheme, learn_scales, where=name,
-                                        float_weight=fw)
+                                        float_weight=fw, lsq_grad_scale=lsq_grad_scale)
         if low_rank is not None:
             w = fq.weight.detach()
             params = {**fq._params(), "scales": fq.scales.detach()}
             fq = LRQATLinear(w, fq.bias, fq.scheme, params, learn_scales, low_rank,
-                             alpha if alpha is not None else float(low_rank))
+                             alpha if alpha is not None else float(low_rank), lsq_grad_scale)
         fq.scales.lr_mult = scale_lr_mult  # type: ignore[attr-defined]
         replace_module(module, name, fq)
         out[name] = fq
