@@ -3,11 +3,14 @@
 Rows (issue 12's table): for each base — RTN ``w4g128`` and GPTQ ``w3g128`` — the quantized
 base untouched, then QAT + KD, LR-QAT, LoRA (distillation) and PRILoRA, each trained on the
 held-out half of ``wiki`` (see ``edgequant.finetuning.data``) for the same token budget; LoRA
-rows are also merged into a float copy and re-quantized by the base's own method (``+merge``).
+rows are also merged into a float copy and re-quantized (``+merge``: GPTQ with calibration,
+``--merge``; NF4 rows by RTN, as their base). ``rtn:chat-lora`` is LoRA with cross-entropy on
+ShareGPT's assistant turns (its measure: the held-out response loss).
 Then the peers at the same data, budget, objective and loop (``benchmarks/finetune_peers.py``):
-``rtn:torchao-qat`` (torchao's QAT from the fp32 model, int4 symmetric per group, measured
-after convert; torchao needs the group to divide 576, so g64 where ours is g128 — the row's
-``notes`` say which) against ``rtn:qat``; and NF4 + double quant: ``nf4:base`` (ours,
+``rtn64:torchao-qat`` (torchao's QAT from the fp32 model, int4 symmetric per group, measured
+after convert; torchao needs the group to divide 576, so g64 where our main rows are g128 —
+hence ``rtn64:base`` and ``rtn64:qat``, ours at RTN ``w4g64``, to compare at one group
+size); and NF4 + double quant: ``nf4:base`` (ours,
 ``eq.quantize(model, "rtn", "nf4-dq")``), ``nf4:qlora`` (ours, ``eq.finetune(fp32, "qlora")``)
 and ``nf4:peft-qlora`` (bitsandbytes NF4-dq + peft LoRA r16 on q/k/v/o).
 Each row runs in a fresh Python process, so its peak RSS (``VmHWM``) is its own.
@@ -18,7 +21,7 @@ top-1 agreement against the fp32 model on the first ``--max-eval-tokens`` tokens
 conversations; plus training tokens, wall time, tokens/s and peak RSS. ``kld_recovery`` is
 the fraction of the base's KLD the method removed: ``(KLD_base − KLD_row) / KLD_base``.
 
-    python benchmarks/bench_finetune.py                                # every row, 300k tokens
+    python benchmarks/bench_finetune.py                    # every row, 61,440 tokens (30 steps)
     python benchmarks/bench_finetune.py --only rtn:qat,rtn:lora        # some rows
     python benchmarks/bench_finetune.py --max-steps 2 --seq-len 64 --out /tmp/ft.json  # smoke
     python benchmarks/bench_finetune.py --only rtn:qat --lr qat=2e-5                   # tune
@@ -41,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
-BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128"), "nf4": ("rtn", "nf4-dq")}
+BASES = {"rtn": ("rtn", "w4g128"), "gptq": ("gptq", "w3g128"), "nf4": ("rtn", "nf4-dq"),
+         "rtn64": ("rtn", "w4g64")}
 METHODS = ("base", "qat", "lr-qat", "lora", "prilora")
 PEERS = ("torchao-qat", "peft-qlora")
 ROWS = (tuple(f"{b}:{m}" for b in ("rtn", "gptq") for m in METHODS)
-        + ("rtn:chat-lora", "rtn:torchao-qat", "nf4:base", "nf4:qlora", "nf4:peft-qlora"))
+        + ("rtn:chat-lora", "rtn64:base", "rtn64:qat", "rtn64:torchao-qat", "nf4:base",
+           "nf4:qlora", "nf4:peft-qlora"))
 
 _CHILD = """\
 import json, sys, time
@@ -90,7 +95,8 @@ elif req["method"] in ("torchao-qat", "peft-qlora"):
     p = train_peer(req["method"], eq.load(req["model"]), req["work"] + "/" +
                    req["row"].replace(":", "-"), lr=req["lr"][req["method"]],
                    seq_len=req["seq_len"], batch_size=req["batch_size"],
-                   save_every=req["save_every"], max_steps=req["max_steps"] or None,
+                   save_every=req["save_every"], warmup_steps=req["warmup"],
+                   max_steps=req["max_steps"] or None,
                    max_tokens=None if req["max_steps"] else req["max_tokens"])
     t = p.result
     out.update(train_tokens=t.tokens, train_s=t.seconds, tokens_per_s=t.tokens / t.seconds,
@@ -109,8 +115,10 @@ else:
     r = eq.finetune(source, method, "sharegpt" if chat else "wiki", run_dir,
                     objective="ce" if chat else "kd",
                     force=True, seq_len=req["seq_len"], batch_size=req["batch_size"],
-                    lr=req["lr"][req["method"]], merge=req["merge"] if lora else None,
-                    save_every=req["save_every"], **budget)
+                    lr=req["lr"][req["method"]],
+                    merge=(req["recipe"] if req["base"] == "nf4" else req["merge"])
+                    if lora else None, calib_samples=req["calib_samples"],
+                    save_every=req["save_every"], warmup_steps=req["warmup"], **budget)
     t = r.summary["train"]
     n = r.summary["trainable"]["params"]
     out.update(train_tokens=t["tokens"], train_s=t["seconds"],
@@ -125,8 +133,9 @@ out["peak_rss_mb"] = _peak_rss_mb()
 print("RESULT " + json.dumps(out))
 """
 
-LR = {"qat": 1e-5, "lr-qat": 1e-3, "lora": 1e-4, "prilora": 1e-4, "chat-lora": 1e-4,
-      "torchao-qat": 1e-5, "qlora": 1e-4, "peft-qlora": 1e-4}
+# eq.finetune's defaults (finetuning.api.DEFAULT_LR); the peers take their counterparts'
+LR = {"qat": 3e-4, "lr-qat": 1e-2, "lora": 1e-3, "prilora": 1e-3, "chat-lora": 1e-3,
+      "torchao-qat": 3e-4, "qlora": 1e-3, "peft-qlora": 1e-3}
 # a peer (or qlora) takes its counterpart's overridden LR unless given its own: same LR, fair
 LR_FOLLOWS = {"torchao-qat": "qat", "qlora": "lora", "peft-qlora": "qlora", "chat-lora": "lora"}
 
@@ -161,7 +170,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
            "max_tokens": args.max_tokens, "seq_len": args.seq_len,
            "batch_size": args.batch_size, "lr": args.lrs, "eval_tokens": args.max_eval_tokens,
            "chat_eval": args.chat_eval, "save_every": args.save_every,
-           "budget": budget_text(args), "bench_dir": str(ROOT), "merge": args.merge}
+           "budget": budget_text(args), "bench_dir": str(ROOT), "merge": args.merge,
+           "warmup": args.warmup, "calib_samples": args.calib_samples}
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent / "src")}
     load_start = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(req)], env=env,
@@ -245,11 +255,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--only", default="", help="comma-separated rows (default: all): "
                     + ", ".join(ROWS))
-    ap.add_argument("--max-tokens", type=int, default=300_000, help="training tokens per row")
+    ap.add_argument("--max-tokens", type=int, default=61_440, help="training tokens per row "
+                    "(30 steps of 4 × 512)")
     ap.add_argument("--max-steps", type=int, default=0, help="instead of --max-tokens")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (every row)")
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--chat-eval", type=int, default=64, help="held-out ShareGPT "
                     "conversations for the response loss (0: skip)")
@@ -260,6 +272,8 @@ def main() -> None:
                     "follows qlora unless given")
     ap.add_argument("--merge", default="gptq", help="the recipe LoRA rows are re-quantized "
                     "with after merging (GPTQ with calibration, the default of eq.finetune)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="the merge's GPTQ "
+                    "calibration windows (of 512 tokens)")
     ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "finetune.json")
     args = ap.parse_args()
@@ -277,7 +291,8 @@ def main() -> None:
     meta = {"model": args.model, "machine": cpu_model() or platform.machine(),
             "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
             "budget": budget_text(args), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "lr": args.lrs, "started": time.strftime("%F %T")}
+            "batch_size": args.batch_size, "warmup": args.warmup, "lr": args.lrs,
+            "started": time.strftime("%F %T")}
     old = read_old(args.out)
     if old:
         print(f"merging into {args.out}: keeping {len(old)} existing rows not run again",

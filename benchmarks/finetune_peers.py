@@ -156,7 +156,8 @@ class PeerRun:
 
 
 def train_peer(method: str, teacher: Any, run_dir: str | Path, *, lr: float, seq_len: int,
-               batch_size: int, save_every: int = 50, max_steps: int | None = None,
+               batch_size: int, save_every: int = 50, warmup_steps: int = 10,
+               max_steps: int | None = None,
                max_tokens: int | None = None) -> PeerRun:
     """Train peer ``method`` (``torchao-qat`` | ``peft-qlora``) from ``teacher`` (the fp32
     ``Model``) with our loop, exactly as ``eq.finetune`` would train ours: the same
@@ -173,7 +174,7 @@ def train_peer(method: str, teacher: Any, run_dir: str | Path, *, lr: float, seq
     from edgequant.models.model import Model
 
     cfg = build_config("lora", "wiki", seq_len=seq_len, batch_size=batch_size, lr=lr,
-                       save_every=save_every)
+                       save_every=save_every, warmup_steps=warmup_steps)
     if (max_steps is None) == (max_tokens is None):
         raise ValueError("give max_steps or max_tokens (one of them)")
     steps = max_steps if max_steps is not None else steps_for_tokens(int(max_tokens or 0), cfg)

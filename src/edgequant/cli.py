@@ -563,7 +563,9 @@ def finetune_cmd(
                                          "ce on chat data."),
     teacher: str | None = typer.Option(None, "--teacher", help="The unquantized model for kd "
                                        "(default: the float source / the artifact's source)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the "
+                                    "method's: qat 3e-4, lr-qat 1e-2, lora/qlora/prilora "
+                                    "1e-3)."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant."),
     warmup: int = typer.Option(10, "--warmup", help="Warm-up steps."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per example."),

@@ -42,6 +42,10 @@ from .qat import convert, prepare
 METHODS = ("lora", "qlora", "qat", "lr-qat", "prilora")
 LORA_METHODS = ("lora", "qlora", "prilora")
 QLORA_SCHEME = "nf4-dq"
+# Peak learning rates measured on SmolLM2-135M at 30 steps of 4 × 512 tokens (see
+# benchmarks/bench_finetune.py): QAT's weights must cross rounding boundaries (a few 1e-3),
+# LR-QAT's A·B lives in code units (steps), LoRA's B starts at zero.
+DEFAULT_LR = {"qat": 3e-4, "lr-qat": 1e-2, "lora": 1e-3, "qlora": 1e-3, "prilora": 1e-3}
 #: ``merge="default"``: the issue's default re-quantization of a merged LoRA
 DEFAULT_MERGE = "gptq"
 #: quantizers the GGUF exporter encodes with (llama.cpp's encoders, or them inside GPTQ)
@@ -59,8 +63,10 @@ class FinetuneConfig:
         scheme: how a *float* source is quantized first (qlora: always ``nf4-dq``).
         keep_dtype: the result's unquantized tensors (as ``eq.quantize``'s).
         learn_scales: qat/lr-qat: train the scales (LSQ) too.
-        scale_lr_mult: their learning rate relative to ``lr`` (Adam moves a parameter by about
-            ``lr`` a step whatever its size; a scale is ~0.01).
+        scale_lr: their peak learning rate (they follow ``lr``'s schedule). Apart from ``lr``
+            because Adam moves a parameter by about its rate a step whatever its size: a
+            weight needs ~1e-4 to cross rounding boundaries, a ~0.01 scale moves 1 % a step
+            at 1e-4, which undoes the quantization it should refine.
         lrqat_rank, lrqat_alpha: LR-QAT's low-rank update.
         prilora_min, prilora_max, prune_every, prune_ratio: PRILoRA's ranks and pruning.
         lsq_grad_scale: qat/lr-qat: multiply the scales' gradient by LSQ's
@@ -84,7 +90,7 @@ class FinetuneConfig:
     scheme: str = "w4g128"
     keep_dtype: str = "float16"
     learn_scales: bool = True
-    scale_lr_mult: float = 0.1
+    scale_lr: float = 1e-5
     lsq_grad_scale: bool = True
     lrqat_rank: int = 16
     lrqat_alpha: float = 16.0
@@ -193,7 +199,10 @@ def finetune(source: Any, method: str = "lora", data: str = "wiki",
 
 
 def build_config(method: str, data: str, **options: Any) -> FinetuneConfig:
-    """A :class:`FinetuneConfig` from flat options, each routed to the part that has it."""
+    """A :class:`FinetuneConfig` from flat options, each routed to the part that has it; the
+    learning rate defaults to the method's (:data:`DEFAULT_LR`)."""
+    if options.get("lr") is None:
+        options["lr"] = DEFAULT_LR.get(method, TrainConfig.lr)
     parts: dict[str, dict[str, Any]] = {"train": {}, "data": {}, "lora": {}, "top": {}}
     names = {p: {f.name for f in dataclasses.fields(cls)}
              for p, cls in (("train", TrainConfig), ("data", DataConfig), ("lora", LoraConfig))}
@@ -328,7 +337,7 @@ class _Run:
         low_rank = cfg.lrqat_rank if cfg.method == "lr-qat" else None
         layers_q = prepare(module, plan, learn_scales=cfg.learn_scales, low_rank=low_rank,
                            alpha=cfg.lrqat_alpha, lsq_grad_scale=cfg.lsq_grad_scale,
-                           scale_lr_mult=cfg.scale_lr_mult,
+                           scale_lr_mult=cfg.scale_lr / cfg.train.lr,
                            float_module=None if teacher is None else teacher.module)
         n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.info["trainable"] = {"params": n, "layers": len(layers_q)}

@@ -221,8 +221,7 @@ class LRQATLinear(FakeQuantLinear):
         self.rank, self.scaling = rank, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(self.out_features, rank))
         self.lora_B = nn.Parameter(torch.zeros(rank, self.in_features))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_A.data.mul_(1e-2)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # entries ~1/√r, as LoRA's A
 
     def code_space(self, s: torch.Tensor) -> torch.Tensor:
         delta = group(self.scaling * (self.lora_A @ self.lora_B), self.scheme)
