@@ -15,7 +15,8 @@ size); and NF4 + double quant: ``nf4:base`` (ours,
 and ``nf4:peft-qlora`` (bitsandbytes NF4-dq + peft LoRA r16 on q/k/v/o).
 Each row runs in a fresh Python process, so its peak RSS (``VmHWM``) is its own.
 
-Measured per row with the project's yardstick (``eq.evaluate``): perplexity, KL divergence and
+Measured per row with the project's yardstick (``eq.evaluate``, float32 on the exact
+dequantized weights, LoRA adapters merged in float): perplexity, KL divergence and
 top-1 agreement against the fp32 model on the first ``--max-eval-tokens`` tokens of ``wiki``
 (ctx 512), and the mean response loss on the first ``--chat-eval`` held-out ShareGPT
 conversations; plus training tokens, wall time, tokens/s and peak RSS. ``kld_recovery`` is
@@ -74,6 +75,11 @@ def response_loss(model, n, seq_len):
     return total / max(count, 1)
 
 def measure(model):
+    # the yardstick's float32 path on the exact dequantized weights (adapters merged in float),
+    # built once: the reference kernel would unpack every 3-bit weight on every forward
+    from edgequant.finetuning.lora import merge_to_float
+    from edgequant.models.model import Model
+    model = Model(merge_to_float(model.module), model.tokenizer, dict(model.source))
     r = eq.evaluate(model, ["ppl", "kld"], kld_base=req["model"], ctx=512,
                     max_tokens=req["eval_tokens"]).to_dict()
     return {"ppl": r["ppl"], "kld": r["kld_mean"], "top1": r["top1"],

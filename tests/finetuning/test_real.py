@@ -80,4 +80,4 @@ def test_lora_merged_by_default_gptq_reloads(rtn, teacher, tmp_path):
     merge = r.summary["merge"]
     assert merge["recipe"]["quantizer"]["name"] == "gptq" and 0 < merge["codes_changed"] < 1
     back = eq.load(out)
-    assert back.recipe.quantizer_name == "gptq" and back.recipe.scheme.name == "w4g128"
+    assert back.recipe.quantizer_name == "gptq" and back.recipe.scheme == "w4g128"

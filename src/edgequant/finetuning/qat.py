@@ -110,7 +110,7 @@ def latent_in_cells(float_weight: torch.Tensor, qt: QuantizedTensor,
     q = group(qt.unpacked_codes().to(torch.float32), qt.scheme)
     u = group(float_weight.detach().to(torch.float32), qt.scheme) / params["scales"] + z
     u = torch.minimum(torch.maximum(u, q - 0.5 + margin), q + 0.5 - margin)
-    return ungroup((u - z) * params["scales"], tuple(qt.shape))
+    return ungroup((u - z) * params["scales"], (qt.shape[0], qt.shape[1]))
 
 
 class FakeQuantLinear(nn.Module):
@@ -251,7 +251,8 @@ def prepare(module: nn.Module, layers: dict[str, QuantScheme | None], *,
         layer = module.get_submodule(name)
         fw = None
         if float_module is not None and isinstance(layer, QuantLinear):
-            fw = float_module.get_submodule(name).weight
+            w = float_module.get_submodule(name).weight
+            fw = w if isinstance(w, torch.Tensor) else None
         fq = FakeQuantLinear.from_layer(layer, scheme, learn_scales, where=name,
                                         float_weight=fw, lsq_grad_scale=lsq_grad_scale)
         if low_rank is not None:
