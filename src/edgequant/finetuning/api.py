@@ -234,11 +234,18 @@ def _prepare_out(out: Path, force: bool) -> None:
                                 f"--force to overwrite it")
 
 
-def _status(out: Path) -> str | None:
+def _run_config(out: Any) -> dict[str, Any] | None:
+    """``out/config.json`` as a dict (None when it is missing, unreadable or not an object)."""
     try:
-        return str(json.loads((out / "config.json").read_text()).get("status"))
-    except (OSError, ValueError):
+        cfg = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
         return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _status(out: Path) -> str | None:
+    cfg = _run_config(out)
+    return None if cfg is None else str(cfg.get("status"))
 
 
 class _Run:
@@ -457,12 +464,8 @@ def _teacher_of(model: Any) -> Any:
 def is_run_folder(path: Any) -> bool:
     """Whether ``path`` is a fine-tuning run folder (its ``config.json`` is a run's, not a
     model's: ``eq.load`` asks this before reading a folder as an HF model)."""
-    try:
-        p = Path(path)
-        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else None
-    except (OSError, ValueError, TypeError):
-        return False
-    return isinstance(cfg, dict) and "status" in cfg and \
+    cfg = _run_config(path)
+    return cfg is not None and "status" in cfg and \
         isinstance(cfg.get("config"), dict) and "method" in cfg["config"]
 
 
